@@ -1,0 +1,524 @@
+"""Stage 1: preference data for the four tasks, merged into one format (paper section III-A, Table II).
+
+UnifiedReward trains one judge on pairwise and pointwise preference data for image generation, image
+understanding, video generation and video understanding. This stage writes that data as one stream of
+unified records (DESIGN.md section 4).
+
+With no arguments it builds the embedded toy world: synthetic 64x64 pictures and 8-frame clips of a
+coloured square whose ground truth is known, so every later stage can be checked against the truth.
+It also builds the tiny base VLM that stands in for a downloaded checkpoint (`runs/toy/base/`).
+
+    python 01_prepare_data.py                    # toy world -> runs/toy/data, runs/toy/base
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageFilter
+
+import common
+
+# ---------------------------------------------------------------------------------------------
+# the toy world
+#
+# One square per picture or clip. Attributes were chosen for what a tiny vision tower perceives after
+# minutes of CPU training: colour, where the square is (spatial), how big it is, and for clips which
+# way it moves (temporal). Every judgment depends on the pixels: the text alone is uninformative
+# because wrong attribute values are drawn uniformly, so right and wrong answers look alike.
+
+COLOURS = {"red": (220, 50, 50), "green": (60, 190, 70), "blue": (60, 100, 235), "yellow": (230, 210, 50)}
+POSITIONS = ("top left", "top right", "bottom left", "bottom right")
+SIZES = {"small": 12, "large": 24}           # side of the square in pixels (clips: see VIDEO_SIZES)
+VIDEO_SIZES = {"small": 10, "large": 18}
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+DEFECTS = ("noise", "blur")                  # quality defects of generated media
+PX, FRAMES, STEP = 64, 8, 5                  # frame size, frames per clip, motion in pixels per frame
+
+
+def _backdrop() -> np.ndarray:
+    """(64, 64, 3) uint8 dark backdrop lit unevenly: redder to the right, bluer to the bottom.
+    Qwen2.5-VL's position encodings are relative (rotary), so a patch of plain background cannot tell
+    where in the frame it is; a faint gradient gives every patch an absolute address, as the sky above
+    and the ground below do in a photograph. Measured: captioning learned 'where' in 750 instead of
+    1250 steps with it."""
+    yy, xx = np.mgrid[0:PX, 0:PX] / (PX - 1)
+    return np.stack([40 + 30 * xx, 40 + 0 * xx, 40 + 30 * yy], -1).astype(np.uint8)
+
+
+BACKGROUND = _backdrop()
+TRAIL = ((3, 0.2), (2, 0.4), (1, 0.65), (0, 1.0))  # (steps back, opacity) of the motion trail
+
+IMAGE_ATTRS = {"colour": tuple(COLOURS), "position": POSITIONS, "size": tuple(SIZES)}
+VIDEO_ATTRS = {"colour": tuple(COLOURS), "direction": tuple(DIRECTIONS), "size": tuple(VIDEO_SIZES)}
+# Generation captions name two attributes (size varies freely and is not judged there).
+CAPTION_ATTRS = {"image": ("colour", "position"), "video": ("colour", "direction")}
+# Understanding questions ask for two of the three attributes, answered "value, value".
+QUESTIONS = {
+    ("colour", "position"): "What colour is the square and where is it?",
+    ("colour", "size"): "What colour is the square and how big is it?",
+    ("position", "size"): "Where is the square and how big is it?",
+    ("colour", "direction"): "What colour is the square and which way does it move?",
+    ("direction", "size"): "Which way does the square move and how big is it?",
+}
+GEN_SCALE, UND_SCALE = (1, 5), (1, 3)
+
+
+def attrs_of(medium: str) -> dict:
+    return IMAGE_ATTRS if medium == "image" else VIDEO_ATTRS
+
+
+def sample_scene(medium: str, rng: np.random.Generator) -> dict:
+    return {a: str(rng.choice(values)) for a, values in attrs_of(medium).items()}
+
+
+def perturb(scene: dict, attrs, miss: list[bool], medium: str, rng) -> dict:
+    """A copy of `scene` where each attribute in `attrs` flagged in `miss` takes another value."""
+    out = dict(scene)
+    for a, m in zip(attrs, miss):
+        if m:
+            out[a] = str(rng.choice([v for v in attrs_of(medium)[a] if v != scene[a]]))
+    return out
+
+
+def _apply_defect(frames: np.ndarray, defect: str | None, rng) -> np.ndarray:
+    """frames: (T, H, W, 3) uint8. Noise and blur are strong enough to see in an 8x8 patch."""
+    if defect == "noise":
+        noisy = frames.astype(np.float32) + rng.normal(0, 45, frames.shape)
+        return noisy.clip(0, 255).astype(np.uint8)
+    if defect == "blur":
+        return np.stack([np.asarray(Image.fromarray(f).filter(ImageFilter.GaussianBlur(2.5))) for f in frames])
+    return frames
+
+
+def render_image(scene: dict, defect: str | None, rng) -> np.ndarray:
+    """(64, 64, 3) uint8: the square in its quadrant, jittered so no two renderings are identical."""
+    img = BACKGROUND.copy()
+    side = SIZES[scene["size"]]
+    row, col = POSITIONS.index(scene["position"]) // 2, POSITIONS.index(scene["position"]) % 2
+    slack = PX // 2 - side                                   # room left inside the quadrant
+    y = row * PX // 2 + slack // 2 + int(rng.integers(-(slack // 2) + 1, slack // 2))
+    x = col * PX // 2 + slack // 2 + int(rng.integers(-(slack // 2) + 1, slack // 2))
+    img[y:y + side, x:x + side] = COLOURS[scene["colour"]]
+    return _apply_defect(img[None], defect, rng)[0]
+
+
+def render_video(scene: dict, defect: str | None, rng) -> np.ndarray:
+    """(8, 64, 64, 3) uint8: the square crossing the frame in its direction, from a random start.
+
+    The square drags a fading trail of where it just was, so each frame shows which way it moves.
+    Qwen2.5-VL's vision tower attends only within one temporal patch (2 frames), and without the
+    trail a 2.5 px shift at the tiny model's 32 px video resolution stayed unlearned for 1.5k steps."""
+    side, (dx, dy) = VIDEO_SIZES[scene["size"]], DIRECTIONS[scene["direction"]]
+    travel = STEP * (FRAMES - 1)
+    lo = lambda d: 2 + (travel if d < 0 else 0)              # start far enough from the edge it moves to
+    hi = lambda d: PX - side - 2 - (travel if d > 0 else 0)
+    x0, y0 = int(rng.integers(lo(dx), hi(dx) + 1)), int(rng.integers(lo(dy), hi(dy) + 1))
+    colour = np.array(COLOURS[scene["colour"]], np.float32)
+    frames = np.repeat(BACKGROUND[None], FRAMES, 0).astype(np.float32)
+    for t in range(FRAMES):
+        for back, alpha in TRAIL:                            # oldest first, the square itself last
+            x = int(np.clip(x0 + dx * STEP * (t - back), 0, PX - side))
+            y = int(np.clip(y0 + dy * STEP * (t - back), 0, PX - side))
+            patch = frames[t, y:y + side, x:x + side]
+            patch[:] = (1 - alpha) * patch + alpha * colour
+    return _apply_defect(frames.round().astype(np.uint8), defect, rng)
+
+
+def render(medium: str, scene: dict, defect: str | None, rng) -> np.ndarray:
+    return render_image(scene, defect, rng) if medium == "image" else render_video(scene, defect, rng)
+
+
+def caption(medium: str, scene: dict) -> str:
+    """Generation prompt, e.g. 'a red square at the top left' / 'a red square moving left'."""
+    if medium == "image":
+        return f"a {scene['colour']} square at the {scene['position']}"
+    return f"a {scene['colour']} square moving {scene['direction']}"
+
+
+def description(medium: str, scene: dict) -> str:
+    """Full description with every attribute (the base model's captioning target)."""
+    if medium == "image":
+        return f"a {scene['size']} {scene['colour']} square at the {scene['position']}"
+    return f"a {scene['size']} {scene['colour']} square moving {scene['direction']}"
+
+
+def gen_score(n_right: int, clean: bool) -> int:
+    """Ground-truth 1-5 score of a generated medium for a two-attribute caption.
+    Nothing right scores 1 whatever the quality; otherwise each right attribute is worth 2 and a clean
+    rendering 1 more, so a pair's label (more right attributes, then better quality) equals comparing scores."""
+    return 1 if n_right == 0 else 2 * n_right + int(clean)
+
+
+def generated_candidate(medium: str, scene: dict, rng, p_miss=0.5, p_defect=0.5):
+    """What an imperfect text-to-image/video model might return for `scene`'s caption:
+    each captioned attribute missed with p_miss, a quality defect with p_defect.
+    Returns (pixels, truth) with truth = {scene, misses, defect, score}."""
+    attrs = CAPTION_ATTRS[medium]
+    miss = [bool(rng.random() < p_miss) for _ in attrs]
+    shown = perturb(scene, attrs, miss, medium, rng)
+    shown["size"] = str(rng.choice(list(attrs_of(medium)["size"])))   # size is free in generation
+    defect = str(rng.choice(DEFECTS)) if rng.random() < p_defect else None
+    truth = {"scene": shown, "misses": [a for a, m in zip(attrs, miss) if m], "defect": defect,
+             "score": gen_score(len(attrs) - sum(miss), defect is None)}
+    return render(medium, shown, defect, rng), truth
+
+
+def question_for(medium: str, rng) -> tuple[str, tuple[str, str]]:
+    pairs = [k for k in QUESTIONS if all(a in attrs_of(medium) for a in k)]
+    asked = pairs[int(rng.integers(len(pairs)))]
+    return QUESTIONS[asked], asked
+
+
+def answer_text(scene: dict, asked) -> str:
+    return ", ".join(scene[a] for a in asked)
+
+
+def candidate_answer(medium: str, scene: dict, asked, n_right: int, rng) -> str:
+    """An answer with exactly `n_right` of the two asked attributes right; wrong values drawn uniformly."""
+    wrong = list(rng.permutation([False] * n_right + [True] * (len(asked) - n_right)))
+    return answer_text(perturb(scene, asked, wrong, medium, rng), asked)
+
+
+def judge_example(task: str, kind: str, rng, tie_keep: float = 0.4):
+    """One judge training example with its ground truth: (fields, media pixels, truth).
+
+    fields are the unified record's structured fields (prompt, responses, label, score, scale).
+    Generation pairs are two independent candidates for one caption; about 10% end up as true ties.
+    Understanding pairs never tie: the two answers have different numbers of right attributes.
+    """
+    medium = "image" if task.startswith("image") else "video"
+    scene = sample_scene(medium, rng)
+    if task.endswith("generation"):
+        while True:
+            cands = [generated_candidate(medium, scene, rng) for _ in range(2 if kind == "pairwise" else 1)]
+            scores = [t["score"] for _, t in cands]
+            if kind == "pointwise" or scores[0] != scores[1] or rng.random() < tie_keep:
+                break
+        fields = {"prompt": caption(medium, scene), "responses": []}
+        media = [px for px, _ in cands]
+        truth = {"scene": scene, "candidates": [t for _, t in cands]}
+    else:
+        question, asked = question_for(medium, rng)
+        rights = [int(x) for x in rng.choice(3, size=2, replace=False)] if kind == "pairwise" \
+            else [int(rng.integers(3))]
+        fields = {"prompt": question, "responses": [candidate_answer(medium, scene, asked, n, rng) for n in rights]}
+        media = [render(medium, scene, None, rng)]
+        scores = [UND_SCALE[0] + n for n in rights]
+        truth = {"scene": scene, "asked": list(asked), "n_right": rights}
+    if kind == "pairwise":
+        fields.update(label=0 if scores[0] == scores[1] else (1 if scores[0] > scores[1] else 2),
+                      score=None, scale=None)
+    else:
+        fields.update(label=None, score=scores[0], scale=list(GEN_SCALE if task.endswith("generation") else UND_SCALE))
+    return fields, media, truth
+
+
+# ---------------------------------------------------------------------------------------------
+# writing the toy data set
+#
+# runs/toy/data/
+#   reward_train.jsonl, reward_test.jsonl   unified judge records, all four tasks x pairwise/pointwise
+#   prompts_train.jsonl, prompts_test.jsonl  understanding questions for the policy, with the true answer
+#   gen_candidates.jsonl                     generation prompts with 10 candidates each (stage 03 input)
+#   media/                                   png pictures and mp4 clips
+
+TASK_CODE = {"image_generation": "ig", "image_understanding": "iu", "video_generation": "vg",
+             "video_understanding": "vu"}
+
+
+class MediaWriter:
+    """Writes pictures (png) and clips (mp4, read back with decord) under data/media/, and refuses to
+    reuse pixels already written to another split, so train, test and policy prompts stay disjoint."""
+
+    def __init__(self, data_dir: Path):
+        self.data_dir = data_dir
+        self.owner: dict[str, str] = {}   # pixel hash -> split that first used it
+
+    def fresh(self, pixels: np.ndarray, split: str) -> bool:
+        h = hashlib.sha1(pixels.tobytes()).hexdigest()
+        return self.owner.setdefault(h, split) == split
+
+    def write(self, pixels: np.ndarray, rel: str) -> str:
+        path = self.data_dir / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if pixels.ndim == 3:
+            Image.fromarray(pixels).save(path)
+        else:
+            write_mp4(pixels, path)
+        return rel
+
+
+def write_mp4(frames: np.ndarray, path, fps: int = 8) -> None:
+    """(T, H, W, 3) uint8 -> H.264 mp4 in 4:4:4 chroma at high quality, so colours and noise survive."""
+    import av
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=fps)
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt, stream.options = "yuv444p", {"crf": "12", "threads": "1"}   # 1 thread: same bytes every run
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+
+
+def ext(medium: str) -> str:
+    return "png" if medium == "image" else "mp4"
+
+
+def write_reward_split(split: str, n: int, rng, writer: MediaWriter) -> list[dict]:
+    """n judge records per task and kind, in the unified format (DESIGN.md section 4)."""
+    records = []
+    for task in common.TASKS:
+        medium, code = task.split("_")[0], TASK_CODE[task]
+        for kind in common.KINDS:
+            for i in range(n):
+                while True:   # redraw the rare example whose pixels another split already uses
+                    fields, media, _ = judge_example(task, kind, rng)
+                    if all(writer.fresh(m, split) for m in media):
+                        break
+                rid = f"toy-{code}-{split}-{kind[:4]}-{i:05d}"
+                paths = [writer.write(m, f"media/{code}/{rid}_{k}.{ext(medium)}") for k, m in enumerate(media)]
+                records.append({
+                    "id": rid, "source": "toy", "task": task, "kind": kind, "media": paths, **fields,
+                    "question": common.render_question(task, kind, fields["prompt"], fields["responses"],
+                                                       fields["scale"]),
+                    "answer": common.render_answer(task, kind, fields["label"], fields["score"])})
+    return records
+
+
+def write_policy_prompts(split: str, n: int, rng, writer: MediaWriter) -> list[dict]:
+    """Understanding questions the policy answers (stage 03 samples them, 05 scores them)."""
+    rows = []
+    for task in ("image_understanding", "video_understanding"):
+        medium, code = task.split("_")[0], TASK_CODE[task]
+        for i in range(n):
+            while True:
+                scene = sample_scene(medium, rng)
+                pixels = render(medium, scene, None, rng)
+                if writer.fresh(pixels, split):
+                    break
+            question, asked = question_for(medium, rng)
+            rid = f"toy-{code}-prompt-{split}-{i:05d}"
+            rows.append({"id": rid, "task": task, "media": [writer.write(pixels, f"media/{code}/{rid}.{ext(medium)}")],
+                         "question": question, "answer": answer_text(scene, asked), "scene": scene,
+                         "asked": list(asked)})
+    return rows
+
+
+def write_gen_candidates(n: int, n_cand: int, rng, writer: MediaWriter) -> list[dict]:
+    """Generation prompts with the samples of an imperfect toy generator (stage 03 ranks and sifts them).
+    Format any text-to-image/video model can write: {"id", "task", "prompt", "media": [paths]};
+    the toy adds "truth": the ground-truth score of each candidate, for measuring pair precision."""
+    rows = []
+    for task in ("image_generation", "video_generation"):
+        medium, code = task.split("_")[0], TASK_CODE[task]
+        for i in range(n):
+            scene = sample_scene(medium, rng)
+            rid = f"toy-{code}-gen-{i:05d}"
+            media, truth = [], []
+            for k in range(n_cand):
+                pixels, t = generated_candidate(medium, scene, rng)
+                writer.fresh(pixels, "gen")
+                media.append(writer.write(pixels, f"media/{code}/{rid}_{k}.{ext(medium)}"))
+                truth.append(t["score"])
+            rows.append({"id": rid, "task": task, "prompt": caption(medium, scene), "media": media, "truth": truth})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# the tiny base model: a stand-in for downloading a pretrained VLM
+#
+# A real run starts from a checkpoint that already sees (Qwen2.5-VL-3B-Instruct). Here we build a tiny
+# Qwen2.5-VL from random weights and teach it to describe pictures and clips and to answer questions
+# about them, briefly: it perceives the toy world but stays an imperfect answerer, so the later stages
+# have something to improve.
+
+def base_example(rng, qa_share: float, verify_share: float, defect_share: float = 0.3):
+    """One pretraining example: (medium kind, pixels, question, answer, words it shows).
+    Three kinds, as a generic VLM is trained on: descriptions (naming quality defects too, "..., noisy"),
+    the two-attribute questions the policy will face, and yes/no checks of one attribute."""
+    medium = "image" if rng.random() < 0.5 else "video"
+    scene = sample_scene(medium, rng)
+    defect = str(rng.choice(DEFECTS)) if rng.random() < defect_share else None
+    pixels = render(medium, scene, defect, rng)
+    shown = " ".join(scene.values()) + (f" {DEFECT_WORDS[defect]}" if defect else "")
+    u = rng.random()
+    if u < qa_share:
+        question, asked = question_for(medium, rng)
+        return medium, pixels, question, answer_text(scene, asked), shown
+    if u < qa_share + verify_share:
+        attr = str(rng.choice(list(attrs_of(medium))))
+        yes = bool(rng.random() < 0.5)
+        value = scene[attr] if yes else str(rng.choice([v for v in attrs_of(medium)[attr] if v != scene[attr]]))
+        return medium, pixels, VERIFY[attr].format(value), "yes" if yes else "no", shown
+    text = description(medium, scene) + (f", {DEFECT_WORDS[defect]}" if defect else "")
+    return medium, pixels, DESCRIBE[medium], text, shown
+
+
+DEFECT_WORDS = {"noise": "noisy", "blur": "blurry"}
+VERIFY = {"colour": "Is the square {}?", "position": "Is the square at the {}?", "size": "Is the square {}?",
+          "direction": "Does the square move {}?"}
+
+
+DESCRIBE = {"image": "Describe the picture.", "video": "Describe the video."}
+
+
+def as_media(medium: str, pixels: np.ndarray):
+    """Pixels as the objects the processor takes: a PIL image or a common.Video (8 frames at 8 fps)."""
+    return Image.fromarray(pixels) if medium == "image" else common.Video(pixels, fps=float(FRAMES))
+
+
+def toy_corpus(records, prompts, gen_rows) -> list[str]:
+    """Every text the toy world produces, for training the tiny tokenizer."""
+    texts = [r["question"] for r in records] + [r["answer"] for r in records]
+    texts += [p["question"] for p in prompts] + [p["answer"] for p in prompts] + [g["prompt"] for g in gen_rows]
+    texts += list(DESCRIBE.values()) + [f", {w}" for w in DEFECT_WORDS.values()] + ["yes", "no"]
+    texts += [q.format(v) for medium in ("image", "video") for a, vals in attrs_of(medium).items()
+              for v in vals for q in [VERIFY[a]]]
+    for medium in ("image", "video"):
+        for colour in COLOURS:
+            scene = {**{a: v[0] for a, v in attrs_of(medium).items()}, "colour": colour}
+            texts.append(description(medium, scene))
+    for task in common.TASKS:   # every verdict the judge can give, whatever the data happens to contain
+        for kind in common.KINDS:
+            texts += [a for _, a in common.verdict_candidates(task, kind, (0, 9))]
+    return texts
+
+
+class VisualTokens:
+    """Captures the merged visual tokens (the vision tower's output, in the language model's embedding
+    space) during the ordinary forward pass, so the grounding loss below costs no extra vision pass."""
+
+    def __init__(self, model):
+        self.outputs = []
+        model.model.visual.register_forward_hook(lambda mod, args, out: self.outputs.append(out.pooler_output))
+
+    def pooled(self, batch) -> torch.Tensor:
+        """(n_media, H): the mean visual token of each medium, images first then videos, as the model
+        consumes them (the hook saw the image call, then the video call)."""
+        grids = [g for k in ("image_grid_thw", "video_grid_thw") if k in batch for g in batch[k]]
+        tokens = torch.cat(self.outputs)
+        self.outputs.clear()
+        sizes = [int(g.prod()) // 4 for g in grids]   # 2x2 spatial merge
+        return torch.stack([t.mean(0) for t in torch.split(tokens, sizes)])
+
+
+def grounding_targets(processor, shown_in_order) -> tuple[list[int], torch.Tensor]:
+    """Multi-hot targets over the attribute words for each medium: (attribute token ids, (n, K) 0/1).
+    shown_in_order: per medium, the words it shows ("red top left small noisy")."""
+    words = sorted({w for attrs in (IMAGE_ATTRS, VIDEO_ATTRS) for vals in attrs.values() for v in vals
+                    for w in v.split()} | set(DEFECT_WORDS.values()))
+    ids = []
+    for w in words:
+        tok = processor.tokenizer(" " + w, add_special_tokens=False)["input_ids"]
+        assert len(tok) == 1, f"attribute word {w!r} is not one token"
+        ids.append(tok[0])
+    target = torch.tensor([[float(w in shown.split()) for w in words] for shown in shown_in_order])
+    return ids, target
+
+
+def pretrain_base(cfg, corpus, out_dir: Path):
+    """Build the tiny VLM and pretrain it on descriptions and questions (a plain loop; stage 02 has the
+    full-featured one). Deterministic for a given seed.
+
+    Besides the usual answer cross-entropy, a grounding loss asks the mean visual token of each medium
+    to name the medium's attributes through the (tied) language-model head. Real VLMs come with visual
+    tokens that already sit near the words for what they show (LLaVA trains its projector for exactly
+    that); from random weights that alignment is what makes cross-modal comparison learnable. Measured:
+    "Is the square red?" went from chance after 1500 steps to 100% after 500 with it."""
+    common.set_seed(cfg.seed)
+    model, processor = common.build_tiny_vlm(corpus, cfg.seed, dict(common.TINY, text_layers=cfg.text_layers))
+    visual = VisualTokens(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.base_lr, weight_decay=0.0)
+    rng = np.random.default_rng([cfg.seed, 7])
+    pad = processor.tokenizer.pad_token_id
+    model.train()
+    t0 = time.time()
+    for step in range(cfg.base_steps):
+        for group in optimizer.param_groups:
+            group["lr"] = common.lr_at(step, cfg.base_steps, cfg.base_lr, 100)
+        examples = [base_example(rng, cfg.base_qa_share, cfg.base_verify_share) for _ in range(cfg.base_batch)]
+        batch = common.collate([common.encode(processor, [as_media(m, px)], q, a) for m, px, q, a, _ in examples], pad)
+        ce = -common.answer_token_logps(model, batch)[0].mean()     # cross-entropy on the answer tokens
+        shown = [e[4] for e in examples if e[0] == "image"] + [e[4] for e in examples if e[0] == "video"]
+        ids, target = grounding_targets(processor, shown)
+        logits = model.lm_head(visual.pooled(batch))[:, ids]         # (n_media, K)
+        ground = torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
+        loss = ce + cfg.base_ground * ground
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if (step + 1) % 250 == 0:
+            print(f"  base step {step + 1}/{cfg.base_steps}  answer loss {ce.item():.3f}  "
+                  f"grounding {ground.item():.3f}  {time.time() - t0:.0f}s")
+    model.eval()
+    common.save_checkpoint(model, processor, out_dir)
+    return model, processor
+
+
+# ---------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Config:
+    out_dir: str = "runs/toy"        # data/ and base/ are written under this folder
+    seed: int = 0                    # one seed for the whole toy world and the base model
+    train_per_group: int = 1500      # judge training records per task and kind (x8 groups)
+    test_per_group: int = 150        # held-out judge records per task and kind
+    policy_train: int = 300          # understanding questions per medium for stage 03 (sampling + DPO)
+    policy_test: int = 200           # held-out understanding questions per medium for stage 05
+    gen_prompts: int = 60            # generation prompts per medium with candidates for stage 03
+    gen_candidates: int = 10         # candidates per generation prompt (the paper samples N=10)
+    base_steps: int = 1500           # pretraining steps of the tiny base model (0 = skip building it)
+    base_batch: int = 16             # pretraining batch size
+    base_lr: float = 1e-3            # pretraining peak learning rate
+    base_qa_share: float = 0.25      # share of two-attribute questions (the policy's task)
+    base_verify_share: float = 0.25  # share of yes/no attribute checks (the rest is description)
+    text_layers: int = 2             # language-model layers of the tiny model
+    base_ground: float = 1.0         # weight of the grounding loss on visual tokens (see pretrain_base)
+
+
+def main(cfg: Config) -> None:
+    t0 = time.time()
+    out = Path(cfg.out_dir)
+    data = out / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    writer = MediaWriter(data)
+    # one random stream per split, so changing one split's size leaves the others unchanged
+    stream = lambda name: np.random.default_rng([cfg.seed, sum(map(ord, name))])
+    train = write_reward_split("train", cfg.train_per_group, stream("reward-train"), writer)
+    test = write_reward_split("test", cfg.test_per_group, stream("reward-test"), writer)
+    prompts_train = write_policy_prompts("train", cfg.policy_train, stream("prompts-train"), writer)
+    prompts_test = write_policy_prompts("test", cfg.policy_test, stream("prompts-test"), writer)
+    gen = write_gen_candidates(cfg.gen_prompts, cfg.gen_candidates, stream("gen"), writer)
+    for name, rows in [("reward_train", train), ("reward_test", test), ("prompts_train", prompts_train),
+                       ("prompts_test", prompts_test), ("gen_candidates", gen)]:
+        common.write_jsonl(data / f"{name}.jsonl", rows)
+    print(f"toy world: {len(train)} train / {len(test)} test judge records, "
+          f"{len(prompts_train)} + {len(prompts_test)} policy questions, {len(gen)} generation prompts "
+          f"-> {data}  ({time.time() - t0:.0f}s)")
+    print(count_table(train + test))
+    if cfg.base_steps > 0:
+        print(f"pretraining the tiny base model ({cfg.base_steps} steps) -> {out / 'base'}")
+        pretrain_base(cfg, toy_corpus(train + test, prompts_train + prompts_test, gen), out / "base")
+    print(f"done in {time.time() - t0:.0f}s")
+
+
+def count_table(records) -> str:
+    """Records per task and kind, with the share of tied pairs."""
+    lines = ["| task | pairwise | (ties) | pointwise |", "|---|---|---|---|"]
+    for task in common.TASKS:
+        pair = [r for r in records if r["task"] == task and r["kind"] == "pairwise"]
+        point = [r for r in records if r["task"] == task and r["kind"] == "pointwise"]
+        lines.append(f"| {task} | {len(pair)} | {sum(r['label'] == 0 for r in pair)} | {len(point)} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main(common.parse_config(Config, description=__doc__))

@@ -1,0 +1,298 @@
+"""Stage 2: fine-tune a vision-language model into the unified judge (paper section III-B).
+
+UnifiedReward is an ordinary VLM trained with next-token cross-entropy to *answer* judgment questions
+for all four tasks at once: "Image 1 is better than Image 2." for a pair, "Final Score: 4" for a
+single item. No reward head, no special loss: the verdict is text, and only the answer tokens carry
+loss (the prompt and the media tokens are masked out).
+
+    python 02_train_reward.py                                  # toy: runs/toy/base -> runs/toy/reward
+    python 02_train_reward.py --base Qwen/Qwen2.5-VL-3B-Instruct --data-dir data/unified \
+        --template paper --out-dir runs/real/reward                        # same code, real model
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import common
+
+
+@dataclasses.dataclass
+class Config:
+    data_dir: str = "runs/toy/data"   # folder with reward_train.jsonl, reward_test.jsonl and their media
+    base: str = "runs/toy/base"       # checkpoint to start from: hub id or local folder (any Qwen2.5-VL)
+    out_dir: str = "runs/toy/reward"  # judge checkpoint, log.jsonl, skipped.jsonl
+    template: str = "short"           # judge prompt wording: short (tiny toy model) or paper (released)
+    steps: int = 3000                 # optimizer steps
+    batch_size: int = 16              # examples per micro-batch
+    grad_accum: int = 1               # micro-batches per optimizer step
+    lr: float = 1e-3                  # peak learning rate (AdamW); 1e-3 suits the tiny model, ~1e-5 a 3B one
+    warmup: int = 100                 # linear warmup steps, then cosine decay to 10%
+    weight_decay: float = 0.0         # AdamW weight decay (0.1 slowed the tiny model down)
+    clip: float = 1.0                 # gradient-norm clipping
+    bt_weight: float = 0.0            # weight of an extra Bradley-Terry term on pairwise verdicts (0 = off)
+    max_len: int = 2048               # longest example in tokens; longer ones are skipped, never truncated
+    eval_every: int = 500             # steps between held-out evaluations (and checkpoints)
+    eval_size: int = 64               # test records per task and kind in periodic evals (0 = all)
+    seed: int = 0                     # seeds data order and initialisation of anything random
+    resume: bool = False              # continue from the checkpoint in out_dir
+
+
+# ---------------------------------------------------------------------------------------------
+# the loss (section III-B), written by hand from the logits
+
+def reward_loss(model, batch, kinds: list[str], decisive: list | None, bt_weight: float):
+    """Token cross-entropy on the answer tokens, plus an optional Bradley-Terry term.
+
+    batch: collated examples; kinds: (B,) "pairwise"/"pointwise"; decisive: per row None, or
+    (position, right token, wrong token) for a pairwise example with a strict label: the position
+    whose next token decides the verdict ("Image [1]" vs "Image [2]").
+
+    CE = mean over answer tokens t of -log p(x_t | x_<t)       (the paper's only loss)
+    BT = mean over strict pairs of -log sigmoid(z_right - z_wrong)
+    where z are the logits of the two opposite verdict tokens at the decisive position: the
+    log-probability gap between "Image 1 is better" and "Image 2 is better", since the rest of both
+    answers follows deterministically from that token.
+    Returns (loss, stats) with stats = per-kind mean CE and the BT term, as floats.
+    """
+    h = common.hidden_states(model, batch)                       # (B, L, H)
+    target = batch["answer_mask"][:, 1:]                         # (B, L-1): token t predicted at t-1
+    logits = model.lm_head(h[:, :-1][target]).float()            # (N, V) only where the answer is
+    tokens = batch["input_ids"][:, 1:][target]                   # (N,)
+    nll = -logits.log_softmax(-1).gather(1, tokens[:, None])[:, 0]   # (N,)
+    rows = target.nonzero()[:, 0]                                # (N,) batch row of each answer token
+    loss = nll.mean()
+    stats = {}
+    for kind in common.KINDS:
+        sel = torch.tensor([kinds[r] == kind for r in rows.tolist()], device=nll.device)
+        if sel.any():
+            stats[f"ce_{kind}"] = nll[sel].mean().item()
+    pairs = [(r, d) for r, d in enumerate(decisive or []) if d is not None]
+    if bt_weight > 0 and pairs:
+        r_idx = torch.tensor([r for r, _ in pairs], device=h.device)
+        pos = torch.tensor([d[0] for _, d in pairs], device=h.device)
+        z = model.lm_head(h[r_idx, pos]).float()                 # (P, V)
+        right = z.gather(1, torch.tensor([[d[1]] for _, d in pairs], device=h.device))[:, 0]
+        wrong = z.gather(1, torch.tensor([[d[2]] for _, d in pairs], device=h.device))[:, 0]
+        bt = -torch.nn.functional.logsigmoid(right - wrong).mean()
+        loss = loss + bt_weight * bt
+        stats["bt"] = bt.item()
+    return loss, stats
+
+
+def decisive_tokens(tokenizer, record) -> tuple[int, int, int] | None:
+    """(depth into the answer, right token, wrong token) for a strict pairwise record, else None."""
+    if record["kind"] != "pairwise" or record["label"] not in (1, 2):
+        return None
+    answers = [common.render_answer(record["task"], "pairwise", label=lab) for lab in (record["label"], 3 - record["label"])]
+    _, steps = common.decision_path(tokenizer, answers)
+    depth, tokens = steps[-1]
+    return depth, tokens[0], tokens[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+def load_records(cfg, split: str, skips: common.SkipLog) -> list[dict]:
+    """Read and check reward_{split}.jsonl; unusable records are skipped, counted and named."""
+    path = Path(cfg.data_dir) / f"reward_{split}.jsonl"
+    records = []
+    for r in common.read_jsonl(path, skips):
+        why = common.check_record(r, cfg.data_dir)
+        if why:
+            skips.add(path, r.get("id"), why)
+        else:
+            records.append(r)
+    return records
+
+
+class Batches:
+    """Endless shuffled micro-batches of encoded examples. An example whose media cannot be read or
+    which does not fit max_len is skipped and logged once, and never drawn again."""
+
+    def __init__(self, records, processor, cfg, skips, seed):
+        self.records, self.processor, self.cfg, self.skips = records, processor, cfg, skips
+        self.rng = random.Random(seed)
+        self.order, self.pos, self.bad = [], 0, set()
+        self.question = (lambda r: r["question"]) if cfg.template == "short" and all(
+            "question" in r for r in records) else (lambda r: common.render_question(
+                r["task"], r["kind"], r["prompt"], r.get("responses", ()), r.get("scale"), cfg.template))
+
+    def state(self) -> dict:
+        return {"rng": self.rng.getstate(), "order": self.order, "pos": self.pos, "bad": sorted(self.bad)}
+
+    def load_state(self, s: dict) -> None:
+        self.rng.setstate(s["rng"])
+        self.order, self.pos, self.bad = s["order"], s["pos"], set(s["bad"])
+
+    def _next_record(self) -> int:
+        while True:
+            if self.pos >= len(self.order):
+                self.order = list(range(len(self.records)))
+                self.rng.shuffle(self.order)
+                self.pos = 0
+            i = self.order[self.pos]
+            self.pos += 1
+            if i not in self.bad:
+                return i
+
+    def next(self):
+        """-> (collated batch, kinds (B,), decisive (B,))"""
+        encs, kinds, decisive = [], [], []
+        while len(encs) < self.cfg.batch_size:
+            if len(self.bad) == len(self.records):
+                raise RuntimeError(f"every training record was skipped; see {self.skips.path}")
+            i = self._next_record()
+            r = self.records[i]
+            try:
+                media = common.load_media(r["media"], self.cfg.data_dir)
+                e = common.encode(self.processor, media, self.question(r), r["answer"], self.cfg.max_len)
+            except (common.MediaError, common.TooLong) as err:
+                self.bad.add(i)
+                self.skips.add(Path(self.cfg.data_dir) / "reward_train.jsonl", r["id"], str(err))
+                continue
+            d = decisive_tokens(self.processor.tokenizer, r)
+            prompt_len = int((~e["answer_mask"]).sum())
+            decisive.append(None if d is None else (prompt_len + d[0] - 1, d[1], d[2]))
+            encs.append(e)
+            kinds.append(r["kind"])
+        return common.collate(encs, self.processor.tokenizer.pad_token_id), kinds, decisive
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation
+
+def format_table(metrics: dict, control: dict | None = None) -> str:
+    """Held-out judge accuracy per task, as a markdown table."""
+    lines = ["| task | pairwise acc (no ties) | with ties (tau) | pointwise exact |"
+             + (" no-pixels pair / point |" if control else ""),
+             "|---|---|---|---|" + ("---|" if control else "")]
+    pct = lambda x: f"{100 * x:.1f}%" if x is not None else "-"
+    for task, m in metrics.items():
+        row = f"| {task} | {pct(m.get('pair_diff'))} (n={m.get('pair_n', 0) - m.get('pair_ties', 0)}) | " \
+              f"{pct(m.get('pair_tau'))} ({m.get('pair_ties', 0)} ties) | {pct(m.get('point_exact'))} (n={m.get('point_n', 0)}) |"
+        if control:
+            c = control.get(task, {})
+            row += f" {pct(c.get('pair_single'))} / {pct(c.get('point_exact'))} |"
+        lines.append(row)
+    return "\n".join(lines)
+
+
+def subsample(records, per_group: int, seed: int) -> list[dict]:
+    """At most `per_group` records per (task, kind), the same ones at every evaluation."""
+    if per_group <= 0:
+        return records
+    groups: dict = {}
+    for r in records:
+        groups.setdefault((r["task"], r["kind"]), []).append(r)
+    rng = random.Random(seed)
+    return [r for g in groups.values() for r in (rng.sample(g, per_group) if len(g) > per_group else g)]
+
+
+def no_pixels_control(model, processor, records, cfg, device, skips) -> dict:
+    """The judge with every medium replaced by flat grey, pairs judged in one order only.
+    A judge that ignores the pixels scores the same as with them; ours should fall to chance:
+    ~50% on pairs (labels are balanced) and the majority-score share on single items."""
+    preds = common.judge_records(model, processor, records, cfg.data_dir, device, cfg.template, skips,
+                                 blank=True, both_orders=False)
+    out = common.judge_metrics(preds)
+    for task in out:
+        out[task]["pair_single"] = out[task].get("pair_diff")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+
+def main(cfg: Config) -> dict:
+    common.set_seed(cfg.seed)
+    device = common.get_device()
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    skips = common.SkipLog(out / "skipped.jsonl")
+    train = load_records(cfg, "train", skips)
+    test = load_records(cfg, "test", skips)
+    print(f"{len(train)} train / {len(test)} test records; {skips.summary()}")
+
+    start = out if cfg.resume and (out / "train_state.pt").exists() else cfg.base
+    model = common.load_model(start, device)
+    processor = common.load_processor(start)
+    model.config.use_cache = False
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    batches = Batches(train, processor, cfg, skips, cfg.seed)
+    step = 0
+    if start == out:
+        state = torch.load(out / "train_state.pt", weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        batches.load_state(state["batches"])
+        torch.set_rng_state(state["torch_rng"])
+        step = state["step"]
+        print(f"resumed from {out} at step {step}")
+    evalset = subsample(test, cfg.eval_size, cfg.seed)
+
+    def evaluate(records):
+        model.eval()
+        preds = common.judge_records(model, processor, records, cfg.data_dir, device, cfg.template, skips)
+        model.train()
+        return common.judge_metrics(preds)
+
+    def checkpoint():
+        common.save_checkpoint(model, processor, out, extra={
+            "step": step, "optimizer": optimizer.state_dict(), "batches": batches.state(),
+            "torch_rng": torch.get_rng_state(), "config": dataclasses.asdict(cfg)})
+
+    model.train()
+    t0, seen = time.time(), 0
+    bar = tqdm(total=cfg.steps, initial=step, desc="judge", dynamic_ncols=True)
+    while step < cfg.steps:
+        for group in optimizer.param_groups:
+            group["lr"] = common.lr_at(step, cfg.steps, cfg.lr, cfg.warmup)
+        stats_sum: dict = {}
+        for _ in range(cfg.grad_accum):
+            batch, kinds, decisive = batches.next()
+            batch = common.to_device(batch, device)
+            with common.autocast(device):
+                loss, stats = reward_loss(model, batch, kinds, decisive, cfg.bt_weight)
+            if not torch.isfinite(loss):
+                raise RuntimeError(f"loss is {loss.item()} at step {step}: stopping; the last good checkpoint "
+                                   f"in {out} is intact (lower --lr or check the data)")
+            (loss / cfg.grad_accum).backward()
+            seen += len(kinds)
+            for k, v in {"loss": loss.item(), **stats}.items():
+                stats_sum[k] = stats_sum.get(k, 0.0) + v / cfg.grad_accum
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{stats_sum['loss']:.3f}")
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            metrics = evaluate(evalset)
+            row = {"step": step, "time_s": round(time.time() - t0, 1), "examples": seen, **stats_sum,
+                   "lr": optimizer.param_groups[0]["lr"], "eval": metrics}
+            common.append_jsonl(out / "log.jsonl", row)
+            bar.write(f"step {step}: " + ", ".join(
+                f"{t.split('_')[0][:3]}-{t.split('_')[1][:3]} pair {m.get('pair_diff', float('nan')):.2f} "
+                f"point {m.get('point_exact', float('nan')):.2f}" for t, m in metrics.items()))
+            checkpoint()
+    bar.close()
+
+    # final report on the whole held-out set, and the no-pixels control
+    metrics = evaluate(test)
+    model.eval()
+    control = no_pixels_control(model, processor, test, cfg, device, skips)
+    table = format_table(metrics, control)
+    (out / "eval.json").write_text(json.dumps({"metrics": metrics, "no_pixels": control}, indent=1))
+    print(table)
+    print(f"train time {time.time() - t0:.0f}s for {step} steps; {skips.summary()}")
+    return {"metrics": metrics, "no_pixels": control}
+
+
+if __name__ == "__main__":
+    main(common.parse_config(Config, description=__doc__))

@@ -1,0 +1,303 @@
+"""Stage 3: build DPO preference pairs with the judge: pair ranking, then point sifting (paper III-C).
+
+For each prompt the policy (or a generator) provides N=10 candidates. The judge then:
+  1. pair ranking:  compares the fixed pairs (0,1), (2,3), ..., (8,9) and puts each winner in a
+                    chosen list and each loser in a rejected list;
+  2. point sifting: scores every candidate, and keeps argmax-score(chosen) vs argmin-score(rejected)
+                    only if that chosen score is strictly higher; otherwise the prompt is dropped.
+Understanding prompts: the policy samples the answers (temperature 0.7) -> pairs.jsonl for 04_dpo.py.
+Generation prompts: candidates come from any text-to-image/video model as a jsonl of
+{"id", "task", "prompt", "media": [paths]} -> gen_pairs.jsonl in the Diffusion-DPO layout
+({"caption", "jpg_0": chosen, "jpg_1": rejected, "label_0": 1, scores}; clips use "mp4_0"/"mp4_1").
+
+    python 03_build_pairs.py                                   # toy: base policy, trained toy judge
+    python 03_build_pairs.py --reward CodeGoat24/UnifiedReward-qwen-3b --template paper --judge generate
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+import common
+
+
+@dataclasses.dataclass
+class Config:
+    data_dir: str = "runs/toy/data"    # prompts_train.jsonl, gen_candidates.jsonl and their media
+    policy: str = "runs/toy/base"      # the policy that answers: hub id or folder (any Qwen2.5-VL)
+    reward: str = "runs/toy/reward"    # the judge: hub id or folder
+    out_dir: str = "runs/toy/pairs"    # candidates.jsonl, pairs.jsonl, gen_pairs.jsonl, sheet.png
+    template: str = "short"            # judge prompt wording: short (toy) or paper (released judges)
+    judge: str = "forward"             # forward: one-pass readout; generate: generate + strict parsing
+    n_samples: int = 10                # candidates per prompt (paper: 10, ranked as 5 fixed pairs)
+    temperature: float = 0.7           # policy sampling temperature (paper: 0.7)
+    max_new_tokens: int = 24           # longest policy answer
+    und_scale: str = "1,3"             # the judge's pointwise scale for answers (the toy's; LLaVA-Critic uses 0,100)
+    gen_scale: str = "1,5"             # the judge's pointwise scale for generated media
+    chunk: int = 16                    # prompts per chunk; output is appended after each chunk
+    batch_size: int = 16               # sequences per forward pass
+    bench: int = 32                    # pairwise judgments timed forward vs generate (0 = skip)
+    seed: int = 0                      # sampling seed
+    resume: bool = True                # skip prompts already in candidates.jsonl
+
+
+# ---------------------------------------------------------------------------------------------
+# pair ranking + point sifting, independent of where candidates and scores come from
+
+def rank_and_sift(n: int, first_wins, score):
+    """The paper's selection for one prompt with n candidates.
+
+    first_wins(i, j) -> True / False / None (None = the judge gave no usable verdict: pair unused);
+    score(i) -> number or None. Returns (chosen, rejected, chosen_list, rejected_list) or
+    (None, None, ...) when the prompt is dropped (no ranked pair, or chosen score not strictly higher).
+    """
+    chosen_list, rejected_list = [], []
+    for i in range(0, n - 1, 2):                  # fixed pairs (0,1), (2,3), ...
+        verdict = first_wins(i, i + 1)
+        if verdict is None:
+            continue
+        chosen_list.append(i if verdict else i + 1)
+        rejected_list.append(i + 1 if verdict else i)
+    scored_c = [(score(i), i) for i in chosen_list if score(i) is not None]
+    scored_r = [(score(i), i) for i in rejected_list if score(i) is not None]
+    if not scored_c or not scored_r:
+        return None, None, chosen_list, rejected_list
+    best = max(scored_c, key=lambda t: (t[0], -t[1]))      # highest score, first index on ties
+    worst = min(scored_r, key=lambda t: (t[0], t[1]))      # lowest score, first index on ties
+    if not best[0] > worst[0]:                              # the strict filter: numbers, not strings
+        return None, None, chosen_list, rejected_list
+    return best[1], worst[1], chosen_list, rejected_list
+
+
+class Judge:
+    """The reward model behind one interface for both readouts: one forward pass or generate + parse."""
+
+    def __init__(self, cfg, device):
+        self.model = common.load_model(cfg.reward, device).eval()
+        self.processor = common.load_processor(cfg.reward)
+        self.cfg, self.device = cfg, device
+        self.judgments, self.seconds, self.unparsed = 0, 0.0, 0
+
+    def pairs(self, records, media) -> list:
+        """-> per record True (first better) / False / None."""
+        t = time.time()
+        if self.cfg.judge == "generate":
+            labels = common.judge_by_generating(self.model, self.processor, records, media, self.device,
+                                                self.cfg.template)
+            out = [None if lab in (None, 0) else lab == 1 for lab in labels]
+            self.unparsed += sum(lab is None for lab in labels)
+        else:
+            p = common.judge_pairwise(self.model, self.processor, records, media, self.device, self.cfg.template,
+                                      batch_size=self.cfg.batch_size)
+            out = (p[:, 0] >= p[:, 1]).tolist()
+        self.seconds += time.time() - t
+        self.judgments += len(records)
+        return out
+
+    def scores(self, records, media) -> list:
+        """-> per record a number (expected score for the forward readout) or None."""
+        t = time.time()
+        if self.cfg.judge == "generate":
+            out = common.judge_by_generating(self.model, self.processor, records, media, self.device,
+                                             self.cfg.template)
+            self.unparsed += sum(s is None for s in out)
+        else:
+            out = common.judge_pointwise(self.model, self.processor, records, media, self.device, self.cfg.template,
+                                         batch_size=self.cfg.batch_size)[0].tolist()
+        self.seconds += time.time() - t
+        self.judgments += len(records)
+        return out
+
+
+def scale(text: str) -> list[int]:
+    lo, hi = (int(x) for x in text.split(","))
+    return [lo, hi]
+
+
+def judge_prompt(judge, task, prompt, media, answers, cfg):
+    """Rank and sift the candidates of one prompt. answers: understanding responses (media shared),
+    or None for generation (media are the candidates). Returns rank_and_sift's output and the scores."""
+    n = len(answers) if answers is not None else len(media)
+    pair_recs, pair_media = [], []
+    for i in range(0, n - 1, 2):
+        if answers is not None:
+            pair_recs.append({"task": task, "kind": "pairwise", "prompt": prompt, "responses": [answers[i], answers[i + 1]]})
+            pair_media.append(media)
+        else:
+            pair_recs.append({"task": task, "kind": "pairwise", "prompt": prompt, "responses": []})
+            pair_media.append([media[i], media[i + 1]])
+    wins = judge.pairs(pair_recs, pair_media)
+    sc = scale(cfg.gen_scale if answers is None else cfg.und_scale)
+    point_recs = [{"task": task, "kind": "pointwise", "prompt": prompt, "scale": sc,
+                   "responses": [answers[i]] if answers is not None else []} for i in range(n)]
+    point_media = [media if answers is not None else [media[i]] for i in range(n)]
+    scores = judge.scores(point_recs, point_media)
+    result = rank_and_sift(n, lambda i, j: wins[i // 2], lambda i: scores[i])
+    return result, wins, scores
+
+
+# ---------------------------------------------------------------------------------------------
+# ground truth of the toy world, for pair precision
+
+def n_right(answer: str, prompt_row: dict) -> int | None:
+    """How many asked attributes a policy answer gets right ("red, top left"); None without truth."""
+    if "scene" not in prompt_row:
+        return None
+    values = [v.strip() for v in answer.split(",")]
+    truth = [prompt_row["scene"][a] for a in prompt_row["asked"]]
+    return sum(v == t for v, t in zip(values, truth)) if len(values) == len(truth) else 0
+
+
+def contact_sheet(rows, data_dir, path, n=6) -> None:
+    """A few kept pairs, chosen left and rejected right, with their scores (PIL only)."""
+    rows = rows[:n]
+    if not rows:
+        return
+    cell, pad = 96, 18
+    sheet = Image.new("RGB", (2 * cell + 3 * 4, len(rows) * (cell + pad) + 4), "white")
+    draw = ImageDraw.Draw(sheet)
+    for k, r in enumerate(rows):
+        for side, key in enumerate(("chosen", "rejected")):
+            m = common.load_media([r[key + "_media"]], data_dir)[0]
+            img = Image.fromarray(m.frames[len(m.frames) // 2]) if isinstance(m, common.Video) else m
+            x, y = 4 + side * (cell + 4), 4 + k * (cell + pad)
+            sheet.paste(img.resize((cell, cell)), (x, y))
+            draw.text((x, y + cell + 2), f"{key[:3]} {r[key + '_score']:.2f}", fill="black")
+    sheet.save(path)
+
+
+# ---------------------------------------------------------------------------------------------
+
+def main(cfg: Config) -> dict:
+    common.set_seed(cfg.seed)
+    device = common.get_device()
+    out, data = Path(cfg.out_dir), Path(cfg.data_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    skips = common.SkipLog(out / "skipped.jsonl")
+    done = set()
+    cand_path = out / "candidates.jsonl"
+    if cfg.resume and cand_path.exists():
+        done = {r["id"] for r in common.read_jsonl(cand_path)}
+        print(f"resuming: {len(done)} prompts already judged in {cand_path}")
+    else:
+        for name in ("candidates.jsonl", "pairs.jsonl", "gen_pairs.jsonl"):
+            (out / name).write_text("")
+    judge = Judge(cfg, device)
+    policy = common.load_model(cfg.policy, device).eval()
+    policy_proc = common.load_processor(cfg.policy)
+
+    # --- understanding: the policy answers, the judge ranks and sifts -----------------------------
+    prompts = [p for p in common.read_jsonl(data / "prompts_train.jsonl", skips) if p["id"] not in done]
+    for c in range(0, len(prompts), cfg.chunk):
+        chunk, media = [], []
+        for p in prompts[c:c + cfg.chunk]:
+            try:
+                media.append(common.load_media(p["media"], data))
+                chunk.append(p)
+            except common.MediaError as e:
+                skips.add(data / "prompts_train.jsonl", p["id"], f"unreadable media: {e}")
+        samples = common.generate(policy, policy_proc, [(m, p["question"]) for p, m in zip(chunk, media)], device,
+                                  cfg.max_new_tokens, cfg.temperature, cfg.n_samples, cfg.batch_size)
+        for p, m, answers in zip(chunk, media, samples):
+            answers = [a.strip() for a in answers]
+            (ch, rj, cl, rl), wins, scores = judge_prompt(judge, p["task"], p["question"], m, answers, cfg)
+            truth = [n_right(a, p) for a in answers]
+            common.append_jsonl(cand_path, {
+                "id": p["id"], "task": p["task"], "samples": answers, "distinct": len(set(answers)),
+                "pair_first_wins": wins, "scores": scores, "truth_right": truth, "chosen": ch, "rejected": rj})
+            if ch is not None:
+                common.append_jsonl(out / "pairs.jsonl", {
+                    "id": p["id"], "task": p["task"], "media": p["media"], "prompt": p["question"],
+                    "chosen": answers[ch], "rejected": answers[rj],
+                    "chosen_score": scores[ch], "rejected_score": scores[rj],
+                    "truly_better": None if truth[ch] is None else truth[ch] > truth[rj]})
+        print(f"  understanding: {min(c + cfg.chunk, len(prompts))}/{len(prompts)} prompts")
+
+    # --- generation: candidates from a generator, the judge ranks and sifts -------------------------
+    gen_path = data / "gen_candidates.jsonl"
+    gen_rows = [g for g in common.read_jsonl(gen_path, skips) if g["id"] not in done] if gen_path.exists() else []
+    for g in gen_rows:
+        if len(g.get("media", [])) < 2:
+            skips.add(gen_path, g.get("id"), f"fewer than two candidates ({len(g.get('media', []))})")
+            continue
+        try:
+            media = common.load_media(g["media"], data)
+        except common.MediaError as e:
+            skips.add(gen_path, g["id"], f"unreadable candidate: {e}")
+            continue
+        (ch, rj, cl, rl), wins, scores = judge_prompt(judge, g["task"], g["prompt"], media, None, cfg)
+        truth = g.get("truth")
+        common.append_jsonl(cand_path, {"id": g["id"], "task": g["task"], "samples": g["media"],
+                                        "pair_first_wins": wins, "scores": scores, "truth_score": truth,
+                                        "chosen": ch, "rejected": rj})
+        if ch is not None:
+            key = "jpg" if g["task"] == "image_generation" else "mp4"
+            common.append_jsonl(out / "gen_pairs.jsonl", {
+                "id": g["id"], "task": g["task"], "caption": g["prompt"], f"{key}_0": g["media"][ch],
+                f"{key}_1": g["media"][rj], "label_0": 1, "chosen_score": scores[ch], "rejected_score": scores[rj],
+                "truly_better": None if truth is None else truth[ch] > truth[rj]})
+
+    report = summarize(cfg, out, judge, skips)
+    if cfg.bench:
+        report["speed"] = benchmark(judge, cfg, data, device)
+    common.write_jsonl(out / "report.jsonl", [report])
+    return report
+
+
+def summarize(cfg, out, judge, skips) -> dict:
+    """Kept and dropped prompts, duplicates, judgment speed and (toy) pair precision, per task."""
+    cands = common.read_jsonl(out / "candidates.jsonl")
+    pairs = common.read_jsonl(out / "pairs.jsonl") + common.read_jsonl(out / "gen_pairs.jsonl")
+    report = {"tasks": {}}
+    for task in sorted({c["task"] for c in cands}):
+        cs = [c for c in cands if c["task"] == task]
+        ps = [p for p in pairs if p["task"] == task]
+        known = [p["truly_better"] for p in ps if p.get("truly_better") is not None]
+        report["tasks"][task] = {
+            "prompts": len(cs), "kept": len(ps), "dropped": len(cs) - len(ps),
+            "duplicate_samples": sum(len(c["samples"]) - c.get("distinct", len(c["samples"])) for c in cs),
+            "pair_precision": sum(known) / len(known) if known else None}
+    report["judgments_per_s"] = judge.judgments / max(judge.seconds, 1e-9)
+    report["unparsed_verdicts"] = judge.unparsed
+    report["skipped"] = skips.total
+    for task, m in report["tasks"].items():
+        prec = "-" if m["pair_precision"] is None else f"{100 * m['pair_precision']:.1f}%"
+        print(f"{task}: kept {m['kept']}/{m['prompts']} prompts (dropped {m['dropped']}), "
+              f"{m['duplicate_samples']} duplicate samples, pair precision {prec}")
+    print(f"{report['judgments_per_s']:.1f} judgments/s ({cfg.judge}); unparsed verdicts {judge.unparsed}; "
+          f"{skips.summary()}")
+    contact_sheet([{"chosen_media": p.get("jpg_0") or p.get("mp4_0"), "rejected_media": p.get("jpg_1") or p.get("mp4_1"),
+                    "chosen_score": p["chosen_score"], "rejected_score": p["rejected_score"]}
+                   for p in common.read_jsonl(out / "gen_pairs.jsonl")], cfg.data_dir, out / "sheet.png")
+    return report
+
+
+def benchmark(judge, cfg, data, device) -> dict:
+    """Pairwise judgments per second, one-forward readout vs generate + parsing, same model and inputs."""
+    gen = [g for g in common.read_jsonl(data / "gen_candidates.jsonl")][: max(1, cfg.bench // 5)]
+    recs, media = [], []
+    for g in gen:
+        m = common.load_media(g["media"], data)
+        for i in range(0, len(m) - 1, 2):
+            recs.append({"task": g["task"], "kind": "pairwise", "prompt": g["prompt"], "responses": []})
+            media.append([m[i], m[i + 1]])
+    recs, media = recs[:cfg.bench], media[:cfg.bench]
+    timings = {}
+    for mode in ("forward", "generate"):
+        j = Judge.__new__(Judge)
+        j.model, j.processor, j.device, j.judgments, j.seconds, j.unparsed = judge.model, judge.processor, device, 0, 0.0, 0
+        j.cfg = dataclasses.replace(cfg, judge=mode)
+        j.pairs(recs, media)
+        timings[mode] = j.judgments / j.seconds
+    ratio = timings["forward"] / timings["generate"]
+    print(f"speed on {len(recs)} pairs: forward {timings['forward']:.1f}/s, generate+parse "
+          f"{timings['generate']:.1f}/s -> {ratio:.1f}x")
+    return {"pairs": len(recs), **{f"{k}_per_s": v for k, v in timings.items()}, "ratio": ratio}
+
+
+if __name__ == "__main__":
+    main(common.parse_config(Config, description=__doc__))

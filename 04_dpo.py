@@ -1,0 +1,209 @@
+"""Stage 4: align the policy on the judge's preference pairs with DPO (paper section III-D).
+
+Direct Preference Optimization (Rafailov et al. 2023) trains the policy directly on pairs
+(prompt, chosen, rejected), with a frozen copy of the starting policy as the reference:
+
+    loss = -log sigmoid( beta * [ (log pi(y_c|x) - log ref(y_c|x)) - (log pi(y_r|x) - log ref(y_r|x)) ] )
+
+UnifiedReward uses beta = 0.1 for VLM policies. log pi(y|x) is the sum of the answer-token log-probs.
+The reference log-probs are computed once, before training, and stored: no second model sits in
+memory while training.
+
+    python 04_dpo.py                      # toy: runs/toy/base + runs/toy/pairs/pairs.jsonl -> runs/toy/policy
+"""
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import common
+
+
+@dataclasses.dataclass
+class Config:
+    data_dir: str = "runs/toy/data"                # media root of the pairs
+    pairs: str = "runs/toy/pairs/pairs.jsonl"      # 03's output: prompt, media, chosen, rejected
+    policy: str = "runs/toy/base"                  # starting policy, also the frozen reference
+    out_dir: str = "runs/toy/policy"               # HF checkpoint of the aligned policy, log.jsonl
+    loss: str = "sigmoid"                          # sigmoid (DPO) or ipo
+    beta: float = 0.1                              # DPO temperature (paper: 0.1 for VLMs)
+    label_smoothing: float = 0.0                   # > 0: conservative DPO (assumes this share of labels flipped)
+    epochs: int = 3                                # passes over the pairs
+    batch_size: int = 8                            # pairs per micro-batch (chosen + rejected = 2x sequences)
+    grad_accum: int = 1                            # micro-batches per optimizer step
+    lr: float = 2e-4                               # peak learning rate (tiny model; ~5e-7 for a 7B policy)
+    warmup: int = 10                               # warmup steps, then cosine decay
+    clip: float = 1.0                              # gradient-norm clipping
+    max_len: int = 2048                            # pairs longer than this are skipped, never truncated
+    holdout: float = 0.1                           # share of pairs held out to watch reward accuracy
+    seed: int = 0                                  # data order
+    resume: bool = False                           # continue from the checkpoint in out_dir
+
+
+# ---------------------------------------------------------------------------------------------
+# the DPO loss, from scratch
+
+def dpo_loss(pi_c, pi_r, ref_c, ref_r, beta=0.1, label_smoothing=0.0, kind="sigmoid"):
+    """Per-pair DPO loss and implicit rewards.
+
+    pi_c, pi_r:   (B,) summed answer log-probs of chosen / rejected under the policy
+    ref_c, ref_r: (B,) the same under the frozen reference
+    h = (pi_c - ref_c) - (pi_r - ref_r)                        the log-ratio margin
+    sigmoid: -(1-eps) log s(beta h) - eps log s(-beta h)       (eps = label smoothing, "conservative DPO")
+    ipo:     (h - 1/(2 beta))^2                                 (Azar et al. 2023)
+    Returns losses (B,), chosen_rewards (B,), rejected_rewards (B,); rewards are beta * log-ratios.
+    """
+    h = (pi_c - ref_c) - (pi_r - ref_r)
+    if kind == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    elif kind == "sigmoid":
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    else:
+        raise ValueError(f"unknown DPO loss {kind!r}")
+    return losses, beta * (pi_c - ref_c).detach(), beta * (pi_r - ref_r).detach()
+
+
+def pair_logps(model, processor, pairs, media, max_len):
+    """Chosen and rejected of each pair in ONE concatenated forward: (B,), (B,) summed log-probs."""
+    encs = [common.encode(processor, m, p["prompt"], p[side], max_len)
+            for side in ("chosen", "rejected") for p, m in zip(pairs, media)]
+    batch = common.to_device(common.collate(encs, processor.tokenizer.pad_token_id), model.device)
+    with common.autocast(model.device.type):
+        logps = common.answer_logps(model, batch)
+    return logps[:len(pairs)], logps[len(pairs):]
+
+
+# ---------------------------------------------------------------------------------------------
+
+def load_pairs(cfg, processor, skips) -> tuple[list[dict], list]:
+    """Read pairs.jsonl; a pair with missing or unreadable media, empty text or too many tokens is
+    skipped and named. Returns the pairs and their loaded media."""
+    path = Path(cfg.pairs)
+    pairs, media = [], []
+    for p in common.read_jsonl(path, skips):
+        if not all(isinstance(p.get(k), str) and p[k].strip() for k in ("prompt", "chosen", "rejected")):
+            skips.add(path, p.get("id"), "empty prompt, chosen or rejected")
+            continue
+        try:
+            m = common.load_media(p.get("media", []), cfg.data_dir)
+            for side in ("chosen", "rejected"):
+                common.encode(processor, m, p["prompt"], p[side], cfg.max_len)
+        except (common.MediaError, common.TooLong, FileNotFoundError) as e:
+            skips.add(path, p.get("id"), str(e))
+            continue
+        pairs.append(p)
+        media.append(m)
+    return pairs, media
+
+
+@torch.no_grad()
+def reference_logps(model, processor, pairs, media, cfg) -> torch.Tensor:
+    """(N, 2) log-probs of chosen and rejected under the starting policy, computed once."""
+    out = []
+    for i in range(0, len(pairs), cfg.batch_size):
+        c, r = pair_logps(model, processor, pairs[i:i + cfg.batch_size], media[i:i + cfg.batch_size], cfg.max_len)
+        out.append(torch.stack([c, r], 1).float().cpu())
+    return torch.cat(out)
+
+
+def main(cfg: Config) -> dict:
+    common.set_seed(cfg.seed)
+    device = common.get_device()
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    skips = common.SkipLog(out / "skipped.jsonl")
+    resuming = cfg.resume and (out / "train_state.pt").exists()
+    model = common.load_model(out if resuming else cfg.policy, device)
+    processor = common.load_processor(cfg.policy)
+    # Dropout off (eval mode) while training: the policy's log-probs must be computed exactly as the
+    # reference's were, or the margin h carries dropout noise even at step 0.
+    model.eval()
+    model.config.use_cache = False
+    pairs, media = load_pairs(cfg, processor, skips)
+    print(f"{len(pairs)} pairs from {cfg.pairs}; {skips.summary()}")
+    if len(pairs) < 2:
+        raise SystemExit(f"need at least 2 usable pairs in {cfg.pairs}, found {len(pairs)}")
+    order = list(range(len(pairs)))
+    random.Random(cfg.seed).shuffle(order)
+    n_hold = max(1, int(cfg.holdout * len(pairs)))
+    hold, train = order[:n_hold], order[n_hold:]
+    steps_per_epoch = max(1, len(train) // (cfg.batch_size * cfg.grad_accum))
+    total = cfg.epochs * steps_per_epoch
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+
+    step = 0
+    if resuming:
+        state = torch.load(out / "train_state.pt", weights_only=False)
+        ref, step = state["reference_logps"], state["step"]
+        optimizer.load_state_dict(state["optimizer"])
+        print(f"resumed at step {step}/{total}")
+    else:
+        t = time.time()
+        ref = reference_logps(model, processor, pairs, media, cfg)   # the frozen reference, once
+        print(f"reference log-probs of {len(pairs)} pairs in {time.time() - t:.1f}s")
+
+    def run(idx, train_mode: bool):
+        c, r = pair_logps(model, processor, [pairs[i] for i in idx], [media[i] for i in idx], cfg.max_len)
+        rc, rr = ref[idx, 0].to(device), ref[idx, 1].to(device)
+        losses, ch, rj = dpo_loss(c.float(), r.float(), rc, rr, cfg.beta, cfg.label_smoothing, cfg.loss)
+        stats = {"loss": losses.mean().item(), "reward_acc": (ch > rj).float().mean().item(),
+                 "margin": (ch - rj).mean().item(), "chosen_reward": ch.mean().item(),
+                 "rejected_reward": rj.mean().item()}
+        return losses.mean(), stats
+
+    @torch.no_grad()
+    def evaluate():
+        rows = [run(hold[i:i + cfg.batch_size], False)[1] for i in range(0, len(hold), cfg.batch_size)]
+        return {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
+
+    def checkpoint():
+        common.save_checkpoint(model, processor, out, extra={
+            "step": step, "optimizer": optimizer.state_dict(), "reference_logps": ref,
+            "config": dataclasses.asdict(cfg)})
+
+    print("held-out before:", {k: round(v, 3) for k, v in evaluate().items()})
+    bar = tqdm(total=total, initial=step, desc="dpo", dynamic_ncols=True)
+    t0 = time.time()
+    while step < total:
+        epoch, k = divmod(step, steps_per_epoch)
+        rng = random.Random(cfg.seed + epoch)
+        epoch_order = train[:]
+        rng.shuffle(epoch_order)
+        for group in optimizer.param_groups:
+            group["lr"] = common.lr_at(step, total, cfg.lr, cfg.warmup)
+        sums = {}
+        for a in range(cfg.grad_accum):
+            start = (k * cfg.grad_accum + a) * cfg.batch_size
+            loss, stats = run(epoch_order[start:start + cfg.batch_size], True)
+            if not torch.isfinite(loss):
+                raise RuntimeError(f"DPO loss is {loss.item()} at step {step}; last good checkpoint in {out} is intact")
+            (loss / cfg.grad_accum).backward()
+            for key, v in stats.items():
+                sums[key] = sums.get(key, 0.0) + v / cfg.grad_accum
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{sums['loss']:.3f}", acc=f"{sums['reward_acc']:.2f}")
+        if step % steps_per_epoch == 0 or step == total:
+            held = evaluate()
+            common.append_jsonl(out / "log.jsonl", {"step": step, "time_s": round(time.time() - t0, 1), "train": sums,
+                                                    "heldout": held})
+            bar.write(f"epoch {step // steps_per_epoch}: held-out loss {held['loss']:.3f} reward acc "
+                      f"{held['reward_acc']:.2f} margin {held['margin']:.3f}")
+            checkpoint()
+    bar.close()
+    final = evaluate()
+    print("held-out after:", {k: round(v, 3) for k, v in final.items()}, f"({time.time() - t0:.0f}s)")
+    return final
+
+
+if __name__ == "__main__":
+    main(common.parse_config(Config, description=__doc__))

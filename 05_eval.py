@@ -1,0 +1,237 @@
+"""Stage 5: evaluate the judge and the policy (paper section IV).
+
+  1. The judge on the held-out reward benchmark, per task: pairwise accuracy with ties (tau) and
+     without (diff), pointwise exact accuracy and Spearman correlation, and position consistency
+     (the same verdict when the two items are swapped).
+  2. The policy before and after DPO on held-out questions: ground-truth accuracy with 95% intervals,
+     and the judge's win rate of the after-answer over the before-answer.
+  3. Pair precision of stage 3's pairs: the share whose chosen is truly better.
+
+    python 05_eval.py                     # toy: everything under runs/toy -> runs/toy/eval
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+import common
+
+
+@dataclasses.dataclass
+class Config:
+    data_dir: str = "runs/toy/data"        # reward_test.jsonl, prompts_test.jsonl and media
+    reward: str = "runs/toy/reward"        # the judge
+    base_policy: str = "runs/toy/base"     # the policy before DPO
+    policy: str = "runs/toy/policy"        # the policy after DPO ("" = skip the policy section)
+    pairs_dir: str = "runs/toy/pairs"      # stage 3 output, for pair precision ("" = skip)
+    out_dir: str = "runs/toy/eval"         # results.json, results.md
+    template: str = "short"                # judge prompt wording: short (toy) or paper (released)
+    max_new_tokens: int = 24               # longest policy answer
+    batch_size: int = 16                   # sequences per forward pass
+    seed: int = 0
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics (pure functions of predictions, tested on hand-made values)
+
+def spearman(x, y) -> float:
+    """Spearman rank correlation with average ranks for ties; nan when either side is constant."""
+    def ranks(v):
+        v = np.asarray(v, dtype=float)
+        order = v.argsort(kind="stable")
+        r = np.empty(len(v))
+        r[order] = np.arange(len(v))
+        for value in np.unique(v):            # ties share their average rank
+            r[v == value] = r[v == value].mean()
+        return r
+    rx, ry = ranks(x), ranks(y)
+    if rx.std() == 0 or ry.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval for k successes out of n."""
+    if n == 0:
+        return float("nan"), float("nan")
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
+def pairwise_metrics(p_ab, p_ba, labels) -> dict:
+    """p_ab: (N, 3) [first, second, tie] judged in the given order; p_ba: the same pairs judged swapped,
+    in *their* order (so its "first" is the original second). labels: 1, 2 or 0 (tie)."""
+    p_ab, p_ba = np.asarray(p_ab, float), np.asarray(p_ba, float)
+    back = p_ba[:, [1, 0, 2]]                        # swapped-order probabilities in the original order
+    avg = (p_ab + back) / 2
+    labels = np.asarray(labels)
+    strict = labels != 0
+    forced = np.where(avg[:, 0] >= avg[:, 1], 1, 2)
+    with_tie = np.array([common.pairwise_verdict(p) for p in avg])
+    consistent = np.where(p_ab[:, 0] >= p_ab[:, 1], 1, 2) == np.where(back[:, 0] >= back[:, 1], 1, 2)
+    return {"diff": float((forced[strict] == labels[strict]).mean()) if strict.any() else float("nan"),
+            "tau": float((with_tie == labels).mean()), "consistency": float(consistent.mean()),
+            "n": int(len(labels)), "ties": int((~strict).sum())}
+
+
+def pointwise_metrics(expected, best, truth) -> dict:
+    truth = np.asarray(truth, float)
+    return {"exact": float((np.asarray(best, float) == truth).mean()), "spearman": spearman(expected, truth),
+            "n": int(len(truth))}
+
+
+def normalize(answer: str) -> str:
+    return " ".join(answer.lower().replace(".", " ").split())
+
+
+# ---------------------------------------------------------------------------------------------
+
+def evaluate_judge(cfg, device, skips) -> dict:
+    model = common.load_model(cfg.reward, device).eval()
+    processor = common.load_processor(cfg.reward)
+    path = Path(cfg.data_dir) / "reward_test.jsonl"
+    records, media = [], []
+    for r in common.read_jsonl(path, skips):
+        why = common.check_record(r, cfg.data_dir)
+        try:
+            m = None if why else common.load_media(r["media"], cfg.data_dir)
+        except common.MediaError as e:
+            why = f"unreadable media: {e}"
+        if why:
+            skips.add(path, r.get("id"), why)
+            continue
+        records.append(r)
+        media.append(m)
+    out = {}
+    for task in common.TASKS:
+        pair = [i for i, r in enumerate(records) if r["task"] == task and r["kind"] == "pairwise"]
+        point = [i for i, r in enumerate(records) if r["task"] == task and r["kind"] == "pointwise"]
+        m = {}
+        if pair:
+            recs = [records[i] for i in pair]
+            ab = common.judge_pairwise(model, processor, recs, [media[i] for i in pair], device, cfg.template,
+                                       both_orders=False, batch_size=cfg.batch_size)
+            sw = [common.swapped(records[i], media[i]) for i in pair]
+            ba = common.judge_pairwise(model, processor, [s[0] for s in sw], [s[1] for s in sw], device,
+                                       cfg.template, both_orders=False, batch_size=cfg.batch_size)
+            m["pairwise"] = pairwise_metrics(ab.numpy(), ba.numpy(), [r["label"] for r in recs])
+        if point:
+            recs = [records[i] for i in point]
+            e, b = common.judge_pointwise(model, processor, recs, [media[i] for i in point], device, cfg.template,
+                                          batch_size=cfg.batch_size)
+            m["pointwise"] = pointwise_metrics(e.numpy(), b.numpy(), [r["score"] for r in recs])
+        if m:
+            out[task] = m
+    return out
+
+
+def evaluate_policies(cfg, device, skips) -> dict:
+    """Greedy answers of the policy before and after DPO on held-out questions."""
+    path = Path(cfg.data_dir) / "prompts_test.jsonl"
+    prompts, media = [], []
+    for p in common.read_jsonl(path, skips):
+        try:
+            media.append(common.load_media(p["media"], cfg.data_dir))
+            prompts.append(p)
+        except common.MediaError as e:
+            skips.add(path, p.get("id"), f"unreadable media: {e}")
+    answers = {}
+    for name, ckpt in (("before", cfg.base_policy), ("after", cfg.policy)):
+        model = common.load_model(ckpt, device).eval()
+        processor = common.load_processor(ckpt)
+        answers[name] = [a[0].strip() for a in common.generate(
+            model, processor, [(m, p["question"]) for p, m in zip(prompts, media)], device, cfg.max_new_tokens,
+            batch_size=cfg.batch_size)]
+        del model
+    judge = common.load_model(cfg.reward, device).eval()
+    judge_proc = common.load_processor(cfg.reward)
+    out = {}
+    for task in sorted({p["task"] for p in prompts}):
+        idx = [i for i, p in enumerate(prompts) if p["task"] == task]
+        m = {}
+        for name in ("before", "after"):
+            k = sum(normalize(answers[name][i]) == normalize(prompts[i]["answer"]) for i in idx)
+            m[name] = {"accuracy": k / len(idx), "ci95": wilson(k, len(idx)), "n": len(idx)}
+        differ = [i for i in idx if normalize(answers["after"][i]) != normalize(answers["before"][i])]
+        if differ:
+            recs = [{"task": task, "kind": "pairwise", "prompt": prompts[i]["question"],
+                     "responses": [answers["after"][i], answers["before"][i]]} for i in differ]
+            p = common.judge_pairwise(judge, judge_proc, recs, [media[i] for i in differ], device, cfg.template,
+                                      batch_size=cfg.batch_size)
+            wins = int((p[:, 0] > p[:, 1]).sum())
+        else:
+            wins = 0
+        m["judge_win_rate"] = wins / len(differ) if differ else float("nan")
+        m["changed_answers"] = len(differ)
+        m["examples"] = [{"question": prompts[i]["question"], "truth": prompts[i]["answer"],
+                          "before": answers["before"][i], "after": answers["after"][i]} for i in idx[:3]]
+        out[task] = m
+    return out
+
+
+def pair_precision(cfg) -> dict:
+    out = {}
+    for name in ("pairs.jsonl", "gen_pairs.jsonl"):
+        path = Path(cfg.pairs_dir) / name
+        if not path.exists():
+            continue
+        for p in common.read_jsonl(path):
+            if p.get("truly_better") is not None:
+                t = out.setdefault(p["task"], [0, 0])
+                t[0] += bool(p["truly_better"])
+                t[1] += 1
+    return {task: {"precision": k / n, "pairs": n} for task, (k, n) in out.items()}
+
+
+def to_markdown(results) -> str:
+    pct = lambda x: "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
+    lines = ["## Reward model (held-out toy benchmark)", "",
+             "| task | pair diff | pair tau | consistency | point exact | point Spearman |", "|---|---|---|---|---|---|"]
+    for task, m in results["judge"].items():
+        pw, pt = m.get("pairwise", {}), m.get("pointwise", {})
+        sp = pt.get("spearman")
+        lines.append(f"| {task} | {pct(pw.get('diff'))} | {pct(pw.get('tau'))} | {pct(pw.get('consistency'))} | "
+                     f"{pct(pt.get('exact'))} | {'-' if sp is None or math.isnan(sp) else f'{sp:.2f}'} |")
+    if results.get("policy"):
+        lines += ["", "## Policy before vs after DPO (held-out questions, greedy)", "",
+                  "| task | before acc [95% CI] | after acc [95% CI] | judge win rate after vs before |",
+                  "|---|---|---|---|"]
+        for task, m in results["policy"].items():
+            b, a = m["before"], m["after"]
+            lines.append(f"| {task} | {pct(b['accuracy'])} [{pct(b['ci95'][0])}, {pct(b['ci95'][1])}] | "
+                         f"{pct(a['accuracy'])} [{pct(a['ci95'][0])}, {pct(a['ci95'][1])}] | "
+                         f"{pct(m['judge_win_rate'])} of {m['changed_answers']} changed |")
+    if results.get("pair_precision"):
+        lines += ["", "## Pair precision of stage 3 (chosen truly better)", "", "| task | precision | pairs |",
+                  "|---|---|---|"]
+        lines += [f"| {t} | {pct(m['precision'])} | {m['pairs']} |" for t, m in results["pair_precision"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def main(cfg: Config) -> dict:
+    common.set_seed(cfg.seed)
+    device = common.get_device()
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    skips = common.SkipLog(out / "skipped.jsonl")
+    results = {"judge": evaluate_judge(cfg, device, skips)}
+    if cfg.policy:
+        results["policy"] = evaluate_policies(cfg, device, skips)
+    if cfg.pairs_dir:
+        results["pair_precision"] = pair_precision(cfg)
+    results["skipped"] = skips.total
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    md = to_markdown(results)
+    (out / "results.md").write_text(md)
+    print(md + skips.summary())
+    return results
+
+
+if __name__ == "__main__":
+    main(common.parse_config(Config, description=__doc__))

@@ -1,0 +1,823 @@
+"""Shared pieces of the UnifiedReward pipeline: only what two or more stages use.
+
+Sections, in the order a reader meets them in the stages:
+  config + run helpers        parse a @dataclass Config from the command line, seeds, device, autocast
+  files                       jsonl I/O, the skip log, atomic checkpoint writes
+  media                       images (PIL) and videos (decord, 8 uniformly spaced frames)
+  prompts and answers         the judge's question templates, answer strings, strict parsing
+  models                      loading any Qwen2.5-VL checkpoint; building the tiny toy one
+  batches                     chat template -> token ids, answer mask, padding
+  log-probabilities           answer log-probs and the one-forward judgments (DESIGN.md section 6)
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import contextlib
+import dataclasses
+import inspect
+import json
+import math
+import os
+import random
+import re
+import shutil
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+TASKS = ("image_generation", "image_understanding", "video_generation", "video_understanding")
+KINDS = ("pairwise", "pointwise")
+END_OF_TURN = "<|im_end|>"  # Qwen's chat format closes every turn with this token; the judge learns to emit it
+
+
+# ---------------------------------------------------------------------------------------------
+# config + run helpers
+
+def _field_comments(cls) -> dict[str, str]:
+    """Map each dataclass field to the comment written after it, so `--help` shows the comments."""
+    comments = {}
+    for line in textwrap.dedent(inspect.getsource(cls)).splitlines():
+        m = re.match(r"\s*(\w+)\s*:[^=]*=.*?#\s*(.*)$", line)
+        if m:
+            comments[m.group(1)] = m.group(2)
+    return comments
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the stage docstring's line breaks and shows each flag's default."""
+
+
+def parse_config(cls, argv=None, description=None):
+    """Build an argparse parser from a @dataclass Config: one `--flag` per field, comment as help.
+
+    Booleans become `--flag / --no-flag`. Returns an instance of `cls`.
+    """
+    helps = _field_comments(cls)
+    parser = argparse.ArgumentParser(description=description, formatter_class=_HelpFormatter)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kind = type(default)
+        if kind is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=default, help=helps.get(f.name, ""))
+        else:
+            parser.add_argument(flag, dest=f.name, type=kind if default is not None else str,
+                                default=default, help=helps.get(f.name, ""))
+    return cls(**vars(parser.parse_args(argv)))
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def get_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def autocast(device: str):
+    """bf16 autocast on CUDA; a no-op on CPU, where bf16 matmuls are slow and fp32 keeps runs exact."""
+    if device == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    """Linear warmup to `peak`, then cosine decay to 10% of it (the schedule both training stages use)."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# ---------------------------------------------------------------------------------------------
+# files
+
+def write_jsonl(path, rows) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def append_jsonl(path, row) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+class SkipLog:
+    """Bad input is skipped and counted, never silently lost: one line per skip in `skipped.jsonl`
+    naming the file, the record and the reason, and a one-line summary for the console."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text("")
+        self.counts: dict[str, int] = {}
+
+    def add(self, file, record_id, reason: str) -> None:
+        key = reason.split(":")[0]
+        self.counts[key] = self.counts.get(key, 0) + 1
+        append_jsonl(self.path, {"file": str(file), "id": record_id, "reason": reason})
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def summary(self) -> str:
+        if not self.total:
+            return "skipped 0 records"
+        parts = ", ".join(f"{n} {k}" for k, n in sorted(self.counts.items()))
+        return f"skipped {self.total} records ({parts}); see {self.path}"
+
+
+def read_jsonl(path, skips: SkipLog | None = None) -> list[dict]:
+    """Read a jsonl file. A malformed line is skipped and logged when `skips` is given, else raises."""
+    rows = []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise ValueError("not a JSON object")
+            except ValueError as e:
+                if skips is None:
+                    raise ValueError(f"{path}:{lineno}: malformed jsonl line ({e})") from None
+                skips.add(path, f"line {lineno}", f"malformed json: {e}")
+                continue
+            rows.append(row)
+    return rows
+
+
+def save_checkpoint(model, processor, out_dir, extra: dict | None = None) -> None:
+    """Write a `save_pretrained` folder atomically: into a temp folder, then rename over the old one,
+    so an interrupted run never leaves a half-written checkpoint. `extra` goes to train_state.pt."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    if extra is not None:
+        torch.save(extra, tmp / "train_state.pt")
+    old = out_dir.with_name(out_dir.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out_dir.exists():
+        for f in out_dir.iterdir():   # logs and reports kept beside the weights travel along
+            if f.is_file() and not (tmp / f.name).exists():
+                shutil.copy2(f, tmp / f.name)
+        out_dir.rename(old)
+    tmp.rename(out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# media
+
+VIDEO_EXTS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".gif")
+NUM_FRAMES = 8  # UnifiedReward feeds every video as 8 uniformly spaced frames
+
+
+class MediaError(Exception):
+    """A medium that cannot be read; callers skip the record and name it."""
+
+
+@dataclasses.dataclass
+class Video:
+    frames: np.ndarray  # (T, H, W, 3) uint8
+    fps: float          # frames per second of the *sampled* frames (sets the temporal rope spacing)
+
+
+def load_image(path) -> Image.Image:
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except Exception as e:  # PIL raises many types; all mean "cannot use this file"
+        raise MediaError(f"cannot read image {path}: {e}") from None
+
+
+def load_video(path, num_frames: int = NUM_FRAMES) -> Video:
+    """Decode `num_frames` uniformly spaced frames with decord. A list of image paths is a video
+    given as pre-extracted frames (as in the released video data)."""
+    if isinstance(path, (list, tuple)):
+        idx = np.linspace(0, len(path) - 1, num_frames).round().astype(int)
+        frames = np.stack([np.asarray(load_image(path[i])) for i in idx])
+        return Video(frames, fps=1.0)
+    import decord  # imported here: only stages that read videos need it
+    try:
+        vr = decord.VideoReader(str(path), num_threads=1)
+        n = len(vr)
+        if n == 0:
+            raise MediaError(f"video {path} has no frames")
+        idx = np.linspace(0, n - 1, num_frames).round().astype(int)
+        frames = vr.get_batch(idx).asnumpy()
+        duration = n / max(vr.get_avg_fps(), 1e-6)
+    except MediaError:
+        raise
+    except Exception as e:
+        raise MediaError(f"cannot read video {path}: {e}") from None
+    return Video(frames, fps=num_frames / duration)
+
+
+def is_video(entry) -> bool:
+    return isinstance(entry, (list, tuple)) or str(entry).lower().endswith(VIDEO_EXTS)
+
+
+def load_media(entries, base_dir) -> list:
+    """Media entries of a record (paths relative to `base_dir`) -> PIL images and Videos."""
+    base = Path(base_dir)
+    out = []
+    for e in entries:
+        if isinstance(e, (list, tuple)):
+            out.append(load_video([base / p for p in e]))
+        elif is_video(e):
+            out.append(load_video(base / e))
+        else:
+            out.append(load_image(base / e))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# prompts and answers
+#
+# The judge sees the media first (each labelled "Picture k:" / "Video k:" by the chat template), then
+# one of these questions. Two template sets share the same answer strings (DESIGN.md section 7):
+#   short  terse wording, for the tiny toy model (short prompts are learned much faster);
+#   paper  the released UnifiedReward wording, for real checkpoints.
+
+TEMPLATES = {
+    "short": {
+        ("image_generation", "pairwise"): "Caption: {prompt}\nWhich image fits the caption better?",
+        ("image_generation", "pointwise"): "Caption: {prompt}\nRate the image from {lo} to {hi}.",
+        ("video_generation", "pairwise"): "Caption: {prompt}\nWhich video fits the caption better?",
+        ("video_generation", "pointwise"): "Caption: {prompt}\nRate the video from {lo} to {hi}.",
+        ("image_understanding", "pairwise"):
+            "Question: {prompt}\nAnswer 1: {response1}\nAnswer 2: {response2}\nWhich answer is better?",
+        ("image_understanding", "pointwise"):
+            "Question: {prompt}\nAnswer: {response1}\nRate the answer from {lo} to {hi}.",
+        ("video_understanding", "pairwise"):
+            "Question: {prompt}\nAnswer 1: {response1}\nAnswer 2: {response2}\nWhich answer is better?",
+        ("video_understanding", "pointwise"):
+            "Question: {prompt}\nAnswer: {response1}\nRate the answer from {lo} to {hi}.",
+    },
+}
+
+
+def medium_noun(task: str) -> str:
+    return "Video" if task.startswith("video") else "Image"
+
+
+def render_question(task, kind, prompt, responses=(), scale=None, template="short") -> str:
+    """The text part of the judge's user turn (the media are added by `build_messages`)."""
+    lo, hi = scale if scale else (None, None)
+    r = list(responses) + ["", ""]
+    return TEMPLATES[template][(task, kind)].format(prompt=prompt, response1=r[0], response2=r[1], lo=lo, hi=hi)
+
+
+def render_answer(task, kind, label=None, score=None) -> str:
+    """The judge's target answer. Pairwise label: 1 or 2 = the better one, 0 = tie."""
+    if kind == "pointwise":
+        return f"Final Score: {score:g}" if isinstance(score, float) else f"Final Score: {score}"
+    if task.endswith("understanding"):
+        return f"Answer {label} is better."
+    noun = medium_noun(task)
+    if label == 0:
+        return f"Both {noun.lower()}s are equally good."
+    return f"{noun} {label} is better than {noun} {3 - label}."
+
+
+def verdict_candidates(task, kind, scale=None) -> list[tuple[int, str]]:
+    """Every answer the judge may give for this task/kind, as (value, answer string)."""
+    if kind == "pointwise":
+        lo, hi = scale
+        return [(s, render_answer(task, kind, score=s)) for s in range(int(lo), int(hi) + 1)]
+    labels = (1, 2) if task.endswith("understanding") else (1, 2, 0)
+    return [(lab, render_answer(task, kind, label=lab)) for lab in labels]
+
+
+def parse_verdict(text: str, task: str, kind: str, scale=None):
+    """Strictly read a judge's free-text output (reasoning allowed before the verdict).
+
+    Returns the label (1, 2, 0 = tie) or the score as a number, or None when the output states no
+    verdict, states conflicting ones, or gives a score outside the scale. None is counted by the
+    caller, never read as "1" (a bug in the released scripts, which default to Image 1).
+    """
+    if kind == "pointwise":
+        found = re.findall(r"Final Score:\s*\**\s*(-?\d+(?:\.\d+)?)", text)
+        if not found:
+            return None
+        score = float(found[-1])
+        score = int(score) if score.is_integer() else score
+        if scale and not (scale[0] <= score <= scale[1]):
+            return None
+        return score
+    hits = {value for value, answer in verdict_candidates(task, kind) if answer.rstrip(".") in text}
+    return hits.pop() if len(hits) == 1 else None
+
+
+# ---------------------------------------------------------------------------------------------
+# models
+
+def load_model(name_or_path, device="cpu", dtype=None):
+    """Any Qwen2.5-VL checkpoint (hub id or local folder) through the same calls a hub user makes.
+    bf16 weights on CUDA by default, fp32 on CPU."""
+    from transformers import AutoModelForImageTextToText
+    if dtype is None:
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=dtype)
+    return model.to(device)
+
+
+def load_processor(name_or_path):
+    from transformers import AutoProcessor
+    return AutoProcessor.from_pretrained(name_or_path)
+
+
+# The chat template of the tiny model: Qwen's format (<|im_start|>role\n ... <|im_end|>\n) with media
+# first in the user turn, each labelled "Picture k: " / "Video k: " when add_vision_id is set, exactly
+# as Qwen2.5-VL's own template renders them. No default system prompt: the tiny model learns faster
+# without one (DESIGN.md section 5a). Real checkpoints bring their own template.
+TINY_CHAT_TEMPLATE = (
+    "{% set images = namespace(n=0) %}{% set videos = namespace(n=0) %}"
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}{% set images.n = images.n + 1 %}"
+    "{% if add_vision_id %}{{ 'Picture ' + images.n|string + ': ' }}{% endif %}"
+    "{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{% elif part['type'] == 'video' %}{% set videos.n = videos.n + 1 %}"
+    "{% if add_vision_id %}{{ 'Video ' + videos.n|string + ': ' }}{% endif %}"
+    "{{ '<|vision_start|><|video_pad|><|vision_end|>' }}"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                  "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+
+# Sizes of the tiny toy model. Qwen2.5-VL in miniature: a 64x64 image is 8x8 patches of 8 px, merged
+# 2x2 into 16 tokens. Clips are read at 32x32 per frame (as Qwen2.5-VL's own settings give videos
+# fewer pixels per frame than images): 8 frames = 4 temporal patches of 2x2 merged tokens = 16 tokens,
+# which made video steps 2.6x faster than at 64x64. Token embeddings start at std 0.3 rather than 0.02
+# so that a text token is not drowned by visual tokens (whose norm is ~25x larger at init).
+TINY = dict(text_hidden=128, text_layers=2, text_heads=4, text_kv_heads=2, text_ffn=512,
+            vision_hidden=64, vision_depth=2, vision_heads=4, vision_ffn=256,
+            patch=8, merge=2, image_px=64, video_px=32, vocab=512, tie=True, embed_std=0.3)
+
+
+def build_tiny_tokenizer(corpus, vocab_size):
+    """A byte-level BPE tokenizer trained in code on the toy texts, with Qwen's special tokens.
+    Digits are split one per token, as Qwen's tokenizer does, so each score is a single token."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"\d"), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=END_OF_TURN, pad_token="<|endoftext|>",
+        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"})
+
+
+def build_tiny_vlm(corpus, seed: int = 0, sizes: dict = TINY):
+    """A randomly initialised Qwen2.5-VL with a tokenizer trained on `corpus` and an offline processor.
+
+    It is a real `Qwen2_5_VLForConditionalGeneration`: once saved with `save_pretrained` it loads with
+    `AutoModelForImageTextToText` / `AutoProcessor` exactly like a hub checkpoint.
+    """
+    from transformers import (AutoModelForImageTextToText, Qwen2_5_VLConfig, Qwen2_5_VLProcessor,
+                              Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
+    s = sizes
+    tokenizer = build_tiny_tokenizer(corpus, s["vocab"])
+    px, vpx = s["image_px"] ** 2, s["video_px"] ** 2   # real media are resized down to these areas
+    patches = dict(patch_size=s["patch"], merge_size=s["merge"], temporal_patch_size=2)
+    processor = Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessor(**patches, min_pixels=px // 4, max_pixels=px),
+        video_processor=Qwen2VLVideoProcessor(**patches, min_pixels=vpx // 4, max_pixels=vpx,
+                                              cap_pixels_per_frame=False, do_sample_frames=False),
+        tokenizer=tokenizer, chat_template=TINY_CHAT_TEMPLATE)
+    ids = tokenizer.convert_tokens_to_ids
+    head_dim = s["text_hidden"] // s["text_heads"]
+    t = head_dim // 2  # M-RoPE splits the rotary half-dims into (temporal, height, width) sections
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer), hidden_size=s["text_hidden"], intermediate_size=s["text_ffn"],
+            num_hidden_layers=s["text_layers"], num_attention_heads=s["text_heads"],
+            num_key_value_heads=s["text_kv_heads"], max_position_embeddings=4096,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                             "mrope_section": [t - 2 * (3 * t // 8), 3 * t // 8, 3 * t // 8]},
+            tie_word_embeddings=s["tie"], bos_token_id=None, eos_token_id=ids(END_OF_TURN),
+            pad_token_id=tokenizer.pad_token_id),
+        vision_config=dict(
+            depth=s["vision_depth"], hidden_size=s["vision_hidden"], intermediate_size=s["vision_ffn"],
+            num_heads=s["vision_heads"], patch_size=s["patch"], spatial_merge_size=s["merge"],
+            temporal_patch_size=2, window_size=s["image_px"], out_hidden_size=s["text_hidden"],
+            fullatt_block_indexes=list(range(s["vision_depth"]))),
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+        tie_word_embeddings=s["tie"])
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(config)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.normal_(0, s["embed_std"])
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = ids(END_OF_TURN)
+    return model, processor
+
+
+# ---------------------------------------------------------------------------------------------
+# batches
+
+class TooLong(ValueError):
+    """Media tokens plus answer do not fit the length limit. Never truncated: the record is skipped."""
+
+
+def build_messages(media, question: str) -> list[dict]:
+    """One user turn: every medium first (images and videos in record order), then the question."""
+    parts = [{"type": "video" if isinstance(m, Video) else "image"} for m in media]
+    return [{"role": "user", "content": parts + [{"type": "text", "text": question}]}]
+
+
+def encode(processor, media, question: str, answer: str | None = None, max_len: int = 4096) -> dict:
+    """One example -> tensors for the model.
+
+    The prompt (chat template with the generation prompt) goes through the processor, which expands
+    each <|image_pad|>/<|video_pad|> into one token per merged patch. The answer is tokenized on its
+    own and appended with the end-of-turn token, so the answer span is known exactly.
+    Returns input_ids (L,), mm_token_type_ids (L,) with 0 text / 1 image / 2 video, answer_mask (L,)
+    True on answer tokens, and the vision tensors (pixel_values: (patches, C*T*P*P), *_grid_thw: (n, 3)).
+    Raises TooLong instead of truncating.
+    """
+    prompt = processor.apply_chat_template(build_messages(media, question), tokenize=False,
+                                           add_generation_prompt=True, add_vision_id=True)
+    images = [m for m in media if not isinstance(m, Video)]
+    videos = [m for m in media if isinstance(m, Video)]
+    kwargs = {}
+    if videos:
+        kwargs["videos"] = [v.frames for v in videos]
+        kwargs["video_metadata"] = [{"total_num_frames": len(v.frames), "fps": v.fps} for v in videos]
+    enc = processor(text=[prompt], images=images or None, return_tensors="pt", **kwargs)
+    ids = enc["input_ids"][0]
+    mm = enc["mm_token_type_ids"][0]
+    answer_ids = torch.tensor([], dtype=torch.long)
+    if answer is not None:
+        answer_ids = torch.tensor(processor.tokenizer(answer + END_OF_TURN, add_special_tokens=False)["input_ids"])
+    if len(ids) + len(answer_ids) > max_len:
+        raise TooLong(f"too long: {len(ids)} prompt+media tokens + {len(answer_ids)} answer tokens > {max_len}")
+    vision = {k: enc[k] for k in ("pixel_values", "image_grid_thw", "pixel_values_videos",
+                                  "video_grid_thw", "second_per_grid_ts") if k in enc}
+    return {"input_ids": torch.cat([ids, answer_ids]),
+            "mm_token_type_ids": torch.cat([mm, torch.zeros_like(answer_ids, dtype=mm.dtype)]),
+            "answer_mask": torch.cat([torch.zeros(len(ids), dtype=torch.bool),
+                                      torch.ones(len(answer_ids), dtype=torch.bool)]),
+            **vision}
+
+
+def collate(examples: list[dict], pad_id: int, side: str = "right") -> dict:
+    """Pad encoded examples into a batch. Right padding for training and scoring, left padding for
+    generation (new tokens must follow the prompt directly). Vision tensors are concatenated in
+    example order, which is the order the model consumes them in."""
+    L = max(len(e["input_ids"]) for e in examples)
+    batch = {"input_ids": [], "attention_mask": [], "mm_token_type_ids": [], "answer_mask": []}
+    for e in examples:
+        n = L - len(e["input_ids"])
+        pad = lambda x, v: F.pad(x, (n, 0) if side == "left" else (0, n), value=v)
+        batch["input_ids"].append(pad(e["input_ids"], pad_id))
+        batch["attention_mask"].append(pad(torch.ones_like(e["input_ids"]), 0))
+        batch["mm_token_type_ids"].append(pad(e["mm_token_type_ids"], 0))
+        batch["answer_mask"].append(pad(e["answer_mask"], False))
+    batch = {k: torch.stack(v) for k, v in batch.items()}
+    for k in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts"):
+        parts = [e[k] for e in examples if k in e]
+        if parts:
+            batch[k] = torch.cat(parts)
+    return batch
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def model_inputs(batch: dict) -> dict:
+    """The batch minus our own bookkeeping (answer_mask), i.e. exactly what the model's forward takes."""
+    return {k: v for k, v in batch.items() if k != "answer_mask"}
+
+
+# ---------------------------------------------------------------------------------------------
+# log-probabilities
+
+def hidden_states(model, batch) -> torch.Tensor:
+    """Last hidden states (B, L, H) of the language model. The vocabulary projection is applied only
+    where a log-prob is needed: a real Qwen vocabulary has 152k entries, and full (B, L, V) logits
+    would dwarf everything else in memory."""
+    return model.model(**model_inputs(batch)).last_hidden_state
+
+
+def answer_token_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-prob of every answer token under teacher forcing.
+
+    Token t is predicted from the hidden state at t-1. Returns (logps (N,), rows (N,)): N answer tokens
+    in the whole batch, and the batch row each belongs to.
+    """
+    target = batch["answer_mask"][:, 1:]                         # (B, L-1) which targets count
+    h = hidden_states(model, batch)[:, :-1][target]              # (N, H)
+    logits = model.lm_head(h).float()                            # (N, V)
+    tokens = batch["input_ids"][:, 1:][target]                   # (N,)
+    logps = logits.log_softmax(-1).gather(1, tokens[:, None])[:, 0]
+    return logps, target.nonzero()[:, 0]
+
+
+def sum_per_row(values: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """(N,) values with their row ids -> (n_rows,) sums."""
+    return torch.zeros(n_rows, dtype=values.dtype, device=values.device).index_add(0, rows, values)
+
+
+def answer_logps(model, batch) -> torch.Tensor:
+    """Sum of answer-token log-probs per example: (B,). The sequence log-likelihood DPO compares."""
+    logps, rows = answer_token_logps(model, batch)
+    return sum_per_row(logps, rows, batch["input_ids"].shape[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# judging without generating (DESIGN.md section 6)
+#
+# The judge's possible answers ("Image 1 is better than Image 2.", "Both images are equally good.",
+# "Final Score: 4", ...) differ only at a few decisive tokens. Teacher-force the one token path that
+# passes through every point where they diverge, read the next-token log-probs there, and each
+# answer's probability is the product along its branch: one forward pass instead of `generate`
+# followed by string parsing, and a probability instead of a hard verdict.
+
+def decision_path(tokenizer, answers: list[str]):
+    """Where the candidate answers diverge, as token ids.
+
+    Returns (path, steps): `path` is the token sequence to teacher-force after the prompt; `steps` is
+    a list of (depth, {candidate index: token id at that depth}) for every divergence point. Raises
+    ValueError when the answers branch along more than one path (e.g. a 0-100 scale), which cannot be
+    read from one forward pass.
+    """
+    seqs = [tokenizer(a + END_OF_TURN, add_special_tokens=False)["input_ids"] for a in answers]
+    path, steps, group, depth = [], [], list(range(len(seqs))), 0
+    while len(group) > 1:
+        nexts: dict[int, list[int]] = {}
+        for i in group:
+            nexts.setdefault(seqs[i][depth], []).append(i)
+        if len(nexts) > 1:
+            steps.append((depth, {i: tok for tok, members in nexts.items() for i in members}))
+            crowded = [members for members in nexts.values() if len(members) > 1]
+            if len(crowded) > 1:
+                raise ValueError(f"answers {answers[:3]}... branch along several paths; "
+                                 "judge them with generate + parsing instead")
+            if not crowded:
+                break
+            group = crowded[0]
+        path.append(seqs[group[0]][depth])
+        depth += 1
+    return path, steps
+
+
+@torch.no_grad()
+def answer_probs(model, processor, prompts, answers: list[str], device, batch_size=16) -> torch.Tensor:
+    """P(answer k | prompt i) over a fixed set of candidate answers: (N, K), rows sum to 1.
+
+    prompts: list of (media, question). One forward pass per batch of prompts.
+    """
+    path, steps = decision_path(processor.tokenizer, answers)
+    path = torch.tensor(path, dtype=torch.long)
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        encs = []
+        for media, question in prompts[i:i + batch_size]:
+            e = encode(processor, media, question)
+            e["prompt_len"] = len(e["input_ids"])
+            e["input_ids"] = torch.cat([e["input_ids"], path])
+            e["mm_token_type_ids"] = F.pad(e["mm_token_type_ids"], (0, len(path)))
+            e["answer_mask"] = F.pad(e["answer_mask"], (0, len(path)))
+            encs.append(e)
+        batch = to_device(collate(encs, processor.tokenizer.pad_token_id), device)
+        with autocast(device):
+            h = hidden_states(model, batch)                                     # (B, L, H)
+        rows = torch.arange(len(encs), device=device)
+        scores = torch.zeros(len(encs), len(answers), device=device)
+        for depth, tokens in steps:
+            # the token at prompt position prompt_len + depth is predicted from the state just before it
+            pos = torch.tensor([e["prompt_len"] + depth - 1 for e in encs], device=device)
+            logp = model.lm_head(h[rows, pos]).float().log_softmax(-1)          # (B, V)
+            for k, tok in tokens.items():
+                scores[:, k] += logp[:, tok]
+        out.append(scores.softmax(-1).cpu())
+    return torch.cat(out)
+
+
+def swapped(record: dict, media: list) -> tuple[dict, list]:
+    """The same pair in the other order: media swapped for generation, answers for understanding."""
+    if record["task"].endswith("generation"):
+        return record, media[::-1]
+    return {**record, "responses": record["responses"][::-1]}, media
+
+
+@torch.no_grad()
+def judge_pairwise(model, processor, records, media, device, template="short", both_orders=True,
+                   batch_size=16) -> torch.Tensor:
+    """P(first better), P(second better), P(tie) for each pairwise record: (N, 3).
+
+    Judged in both orders and averaged, which cancels the judge's position bias (a judge that always
+    says "Image 1" gets exactly 0.5). Tasks without ties (understanding) have P(tie) = 0.
+    """
+    out = torch.zeros(len(records), 3)
+    for task in TASKS:
+        idx = [i for i, r in enumerate(records) if r["task"] == task]
+        if not idx:
+            continue
+        cands = verdict_candidates(task, "pairwise")
+        col = {value: k for k, (value, _) in enumerate(cands)}
+        orders = [(records[i], media[i]) for i in idx]
+        if both_orders:
+            orders += [swapped(records[i], media[i]) for i in idx]
+        prompts = [(m, render_question(task, "pairwise", r["prompt"], r.get("responses", ()), template=template))
+                   for r, m in orders]
+        p = answer_probs(model, processor, prompts, [a for _, a in cands], device, batch_size)
+        tie = p[:, col[0]] if 0 in col else torch.zeros(len(p))
+        n = len(idx)
+        first, second, tie_ = p[:n, col[1]], p[:n, col[2]], tie[:n]
+        if both_orders:  # in the swapped order "2 is better" means the original first one is better
+            first, second, tie_ = (first + p[n:, col[2]]) / 2, (second + p[n:, col[1]]) / 2, (tie_ + tie[n:]) / 2
+        out[idx] = torch.stack([first, second, tie_], 1)
+    return out
+
+
+@torch.no_grad()
+def judge_pointwise(model, processor, records, media, device, template="short", batch_size=16):
+    """Expected score and most likely score for each pointwise record: two (N,) float tensors.
+
+    The expected score sum_s s * P("Final Score: s") is a finer signal than the argmax for ranking.
+    """
+    expected, best = torch.zeros(len(records)), torch.zeros(len(records))
+    groups: dict = {}
+    for i, r in enumerate(records):
+        groups.setdefault((r["task"], tuple(r["scale"])), []).append(i)
+    for (task, scale), idx in groups.items():
+        cands = verdict_candidates(task, "pointwise", scale)
+        values = torch.tensor([float(v) for v, _ in cands])
+        prompts = [(media[i], render_question(task, "pointwise", records[i]["prompt"],
+                                              records[i].get("responses", ()), scale, template)) for i in idx]
+        p = answer_probs(model, processor, prompts, [a for _, a in cands], device, batch_size)
+        expected[idx] = p @ values
+        best[idx] = values[p.argmax(1)]
+    return expected, best
+
+
+@torch.no_grad()
+def generate(model, processor, prompts, device, max_new_tokens=32, temperature=0.0, n=1,
+             batch_size=16) -> list[list[str]]:
+    """Free-text answers for (media, question) prompts: n samples each (greedy when temperature=0).
+    Prompts are left-padded so every row's new tokens start right after its prompt."""
+    tok = processor.tokenizer
+    rows = [p for p in prompts for _ in range(n)]
+    texts = []
+    for i in range(0, len(rows), batch_size):
+        encs = [encode(processor, m, q) for m, q in rows[i:i + batch_size]]
+        batch = to_device(collate(encs, tok.pad_token_id, side="left"), device)
+        with autocast(device):
+            out = model.generate(**model_inputs(batch), max_new_tokens=max_new_tokens,
+                                 do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
+                                 top_p=None, top_k=None, pad_token_id=tok.pad_token_id)
+        new = out[:, batch["input_ids"].shape[1]:]
+        texts += tok.batch_decode(new, skip_special_tokens=True)
+    return [texts[j * n:(j + 1) * n] for j in range(len(prompts))]
+
+
+# ---------------------------------------------------------------------------------------------
+# judging a set of records (02's periodic evaluation, 05's benchmark)
+
+def check_record(r: dict, data_dir) -> str | None:
+    """Why a unified record cannot be used, or None. Media are checked for existence here and for
+    readability when they are loaded."""
+    if r.get("task") not in TASKS:
+        return f"unknown task: {r.get('task')!r}"
+    if r.get("kind") not in KINDS:
+        return f"unknown kind: {r.get('kind')!r}"
+    if not r.get("media"):
+        return "no media"
+    for m in r["media"]:
+        for p in (m if isinstance(m, (list, tuple)) else [m]):
+            if not (Path(data_dir) / p).exists():
+                return f"missing media: {p}"
+    if not isinstance(r.get("question"), str) or not isinstance(r.get("answer"), str):
+        return "no question/answer text"
+    if r["kind"] == "pairwise" and r.get("label") not in (0, 1, 2):
+        return f"bad pairwise label: {r.get('label')!r}"
+    if r["kind"] == "pointwise":
+        lo, hi = r.get("scale") or (None, None)
+        if lo is None or not isinstance(r.get("score"), (int, float)) or not lo <= r["score"] <= hi:
+            return f"score {r.get('score')!r} outside scale {r.get('scale')!r}"
+    return None
+
+
+def blank_like(medium):
+    """A uniform grey stand-in of the same size: the no-pixels control."""
+    if isinstance(medium, Video):
+        return Video(np.full_like(medium.frames, 128), medium.fps)
+    return Image.new("RGB", medium.size, (128, 128, 128))
+
+
+def judge_records(model, processor, records, data_dir, device, template="short", skips=None,
+                  blank=False, both_orders=True, batch_size=16) -> list[dict]:
+    """Judge each record with the one-forward readout. Returns one prediction per usable record:
+    pairwise {"id", "p": [P(first), P(second), P(tie)]}; pointwise {"id", "expected", "score"}.
+    Records whose media cannot be read are skipped and logged in `skips`."""
+    usable, media = [], []
+    for r in records:
+        try:
+            m = load_media(r["media"], data_dir)
+        except MediaError as e:
+            if skips is None:
+                raise
+            skips.add(data_dir, r.get("id"), f"unreadable media: {e}")
+            continue
+        usable.append(r)
+        media.append([blank_like(x) for x in m] if blank else m)
+    preds = [None] * len(usable)
+    pair = [i for i, r in enumerate(usable) if r["kind"] == "pairwise"]
+    point = [i for i, r in enumerate(usable) if r["kind"] == "pointwise"]
+    if pair:
+        p = judge_pairwise(model, processor, [usable[i] for i in pair], [media[i] for i in pair], device,
+                           template, both_orders, batch_size)
+        for i, row in zip(pair, p.tolist()):
+            preds[i] = {"id": usable[i]["id"], "p": row}
+    if point:
+        e, b = judge_pointwise(model, processor, [usable[i] for i in point], [media[i] for i in point], device,
+                               template, batch_size)
+        for i, ev, bv in zip(point, e.tolist(), b.tolist()):
+            preds[i] = {"id": usable[i]["id"], "expected": ev, "score": bv}
+    return [dict(p, task=r["task"], kind=r["kind"], label=r.get("label"), truth=r.get("score"))
+            for p, r in zip(preds, usable)]
+
+
+def pairwise_verdict(p, ties: bool = True) -> int:
+    """[P(first), P(second), P(tie)] -> 1, 2 or 0 (tie). With ties=False, a forced choice."""
+    options = (1, 2, 0) if ties else (1, 2)
+    return options[max(range(len(options)), key=lambda k: p[k])]
+
+
+def judge_metrics(preds: list[dict]) -> dict:
+    """Per task, from judge_records' output:
+    pairwise  diff = forced-choice accuracy on pairs that are not ties;
+              tau  = accuracy on all pairs where the judge may answer tie (right only on true ties);
+    pointwise exact = share of records whose most likely score equals the true score."""
+    out = {}
+    for task in TASKS:
+        pair = [p for p in preds if p["task"] == task and p["kind"] == "pairwise"]
+        point = [p for p in preds if p["task"] == task and p["kind"] == "pointwise"]
+        m = {}
+        if pair:
+            strict = [p for p in pair if p["label"] != 0]
+            m["pair_diff"] = sum(pairwise_verdict(p["p"], False) == p["label"] for p in strict) / max(1, len(strict))
+            m["pair_tau"] = sum(pairwise_verdict(p["p"]) == p["label"] for p in pair) / len(pair)
+            m["pair_n"], m["pair_ties"] = len(pair), len(pair) - len(strict)
+        if point:
+            m["point_exact"] = sum(p["score"] == p["truth"] for p in point) / len(point)
+            m["point_n"] = len(point)
+        if m:
+            out[task] = m
+    return out
+
+
+@torch.no_grad()
+def judge_by_generating(model, processor, records, media, device, template="short", max_new_tokens=512,
+                        batch_size=8) -> list:
+    """For judges that reason before the verdict (the released ones do): greedy `generate`, then
+    strict parsing. Pairwise records are judged in both orders; returns per record the label
+    (1, 2, 0 = tie) or score, or None when the output states no usable verdict (counted by callers).
+    When the two orders disagree the result is None rather than a guess."""
+    prompts, index = [], []
+    for i, (r, m) in enumerate(zip(records, media)):
+        orders = [(r, m), swapped(r, m)] if r["kind"] == "pairwise" else [(r, m)]
+        for rr, mm in orders:
+            prompts.append((mm, render_question(rr["task"], rr["kind"], rr["prompt"], rr.get("responses", ()),
+                                                rr.get("scale"), template)))
+            index.append(i)
+    texts = [t[0] for t in generate(model, processor, prompts, device, max_new_tokens, batch_size=batch_size)]
+    out = []
+    for i, r in enumerate(records):
+        verdicts = [parse_verdict(t, r["task"], r["kind"], r.get("scale")) for t, j in zip(texts, index) if j == i]
+        if r["kind"] == "pairwise" and len(verdicts) == 2 and verdicts[1] is not None:
+            verdicts[1] = {1: 2, 2: 1, 0: 0}[verdicts[1]]          # back to the original order
+        found = {v for v in verdicts if v is not None}
+        out.append(found.pop() if len(found) == 1 else None)
+    return out

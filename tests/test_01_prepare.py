@@ -1,0 +1,84 @@
+"""01_prepare_data.py: the toy world is deterministic, valid, disjoint, and the base loads like a hub model."""
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import common
+
+
+def files_digest(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): hashlib.sha1(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_same_data(tmp_path, prep):
+    for name in ("a", "b"):
+        prep.main(prep.Config(out_dir=str(tmp_path / name), train_per_group=2, test_per_group=1, policy_train=2,
+                              policy_test=1, gen_prompts=1, gen_candidates=2, base_steps=0))
+    a, b = files_digest(tmp_path / "a" / "data"), files_digest(tmp_path / "b" / "data")
+    assert a == b and any(k.endswith(".mp4") for k in a) and any(k.endswith(".png") for k in a)
+    prep.main(prep.Config(out_dir=str(tmp_path / "c"), seed=1, train_per_group=2, test_per_group=1, policy_train=2,
+                          policy_test=1, gen_prompts=1, gen_candidates=2, base_steps=0))
+    assert files_digest(tmp_path / "c" / "data") != a
+
+
+def test_every_record_valid_and_consistent(toy):
+    data = toy / "data"
+    for split in ("train", "test"):
+        records = common.read_jsonl(data / f"reward_{split}.jsonl")
+        assert {(r["task"], r["kind"]) for r in records} == {(t, k) for t in common.TASKS for k in common.KINDS}
+        for r in records:
+            assert common.check_record(r, data) is None, r["id"]
+            assert r["answer"] == common.render_answer(r["task"], r["kind"], r["label"], r["score"])
+            assert r["question"] == common.render_question(r["task"], r["kind"], r["prompt"], r["responses"], r["scale"])
+            n_media = 2 if r["kind"] == "pairwise" and r["task"].endswith("generation") else 1
+            assert len(r["media"]) == n_media
+            media = common.load_media(r["media"], data)
+            assert all(isinstance(m, common.Video) == r["task"].startswith("video") for m in media)
+    for row in common.read_jsonl(data / "prompts_train.jsonl"):
+        assert row["answer"] == ", ".join(row["scene"][a] for a in row["asked"])
+    for row in common.read_jsonl(data / "gen_candidates.jsonl"):
+        assert len(row["media"]) == len(row["truth"]) == 4
+
+
+def test_ground_truth_rules(prep):
+    rng = np.random.default_rng(0)
+    assert [prep.gen_score(n, c) for n in (0, 1, 2) for c in (False, True)] == [1, 1, 2, 3, 4, 5]
+    for _ in range(200):
+        fields, media, truth = prep.judge_example("image_generation", "pairwise", rng)
+        s = [c["score"] for c in truth["candidates"]]
+        assert fields["label"] == (0 if s[0] == s[1] else 1 if s[0] > s[1] else 2)
+        fields, media, truth = prep.judge_example("video_understanding", "pointwise", rng)
+        right = sum(v == truth["scene"][a] for v, a in zip(fields["responses"][0].split(", "), truth["asked"]))
+        assert fields["score"] == 1 + right == 1 + truth["n_right"][0]
+
+
+def test_splits_are_disjoint(toy):
+    data = toy / "data"
+    owner = {}
+    for name in ("reward_train", "reward_test", "prompts_train", "prompts_test"):
+        for r in common.read_jsonl(data / f"{name}.jsonl"):
+            for m in r["media"]:
+                pixels = common.load_media([m], data)[0]
+                arr = pixels.frames if isinstance(pixels, common.Video) else np.asarray(pixels)
+                h = hashlib.sha1(arr.tobytes()).hexdigest()
+                assert owner.setdefault(h, name) == name, f"{m} in {name} repeats pixels from {owner[h]}"
+
+
+def test_labels_balanced_and_some_ties(prep):
+    rng = np.random.default_rng(1)
+    labels = [prep.judge_example("image_generation", "pairwise", rng)[0]["label"] for _ in range(600)]
+    share = {lab: labels.count(lab) / len(labels) for lab in (0, 1, 2)}
+    assert 0.05 < share[0] < 0.2 and abs(share[1] - share[2]) < 0.1
+
+
+def test_base_loads_like_a_hub_checkpoint(toy):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    model = AutoModelForImageTextToText.from_pretrained(toy / "base")
+    processor = AutoProcessor.from_pretrained(toy / "base")
+    assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    assert type(processor).__name__ == "Qwen2_5_VLProcessor"
+    assert json.loads((toy / "base" / "config.json").read_text())["model_type"] == "qwen2_5_vl"

@@ -1,0 +1,168 @@
+"""02_train_reward.py: the hand-written loss, overfitting, resume, bad input, NaN stop."""
+import json
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import common
+from conftest import stage
+
+train = stage("02_train_reward")
+
+
+def small_data(toy, tmp_path, records_train, records_test=None):
+    """A data folder reusing the toy media with the given records."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "media").symlink_to(toy / "data" / "media")
+    common.write_jsonl(data / "reward_train.jsonl", records_train)
+    common.write_jsonl(data / "reward_test.jsonl", records_test if records_test is not None else records_train)
+    return data
+
+
+def one_per_group(toy, split="train"):
+    records = common.read_jsonl(toy / "data" / f"reward_{split}.jsonl")
+    seen, out = set(), []
+    for r in records:
+        if (r["task"], r["kind"]) not in seen:
+            seen.add((r["task"], r["kind"]))
+            out.append(r)
+    return out
+
+
+def config(toy, tmp_path, data, **kw):
+    base = dict(data_dir=str(data), base=str(toy / "base"), out_dir=str(tmp_path / "reward"), steps=4,
+                batch_size=8, eval_every=2, eval_size=0, warmup=2)
+    return train.Config(**{**base, **kw})
+
+
+def test_loss_matches_independent_computation(tiny, toy):
+    model, processor = tiny
+    recs = one_per_group(toy)
+    encs, kinds, decisive = [], [], []
+    for r in recs:
+        e = common.encode(processor, common.load_media(r["media"], toy / "data"), r["question"], r["answer"])
+        d = train.decisive_tokens(processor.tokenizer, r)
+        n = int((~e["answer_mask"]).sum())
+        decisive.append(None if d is None else (n + d[0] - 1, d[1], d[2]))
+        encs.append(e)
+        kinds.append(r["kind"])
+    batch = common.collate(encs, processor.tokenizer.pad_token_id)
+    loss0, stats = train.reward_loss(model, batch, kinds, decisive, bt_weight=0.0)
+    loss1, _ = train.reward_loss(model, batch, kinds, decisive, bt_weight=0.5)
+    logits = model(**common.model_inputs(batch)).logits
+    labels = batch["input_ids"][:, 1:].masked_fill(~batch["answer_mask"][:, 1:], -100)
+    ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+    assert torch.allclose(loss0, ce, atol=1e-5)
+    # Bradley-Terry by hand: log-odds of the labelled verdict token against the opposite one
+    bt = []
+    for row, d in enumerate(decisive):
+        if d is not None:
+            z = logits[row, d[0]]
+            bt.append(-F.logsigmoid(z[d[1]] - z[d[2]]))
+            # the decisive position really predicts the verdict digit of the answer
+            assert batch["input_ids"][row, d[0] + 1] == d[1]
+    assert len(bt) >= 2 and torch.allclose(loss1, ce + 0.5 * torch.stack(bt).mean(), atol=1e-5)
+    assert set(stats) == {"ce_pairwise", "ce_pointwise"}
+
+
+def twin(r):
+    """The same pair in the other order, with the label flipped."""
+    t = dict(r, id=r["id"] + "-swapped", label={1: 2, 2: 1, 0: 0}[r["label"]])
+    if r["task"].endswith("generation"):
+        t["media"] = r["media"][::-1]
+    else:
+        t["responses"] = r["responses"][::-1]
+        t["question"] = common.render_question(r["task"], "pairwise", r["prompt"], t["responses"])
+    t["answer"] = common.render_answer(r["task"], "pairwise", label=t["label"])
+    return t
+
+
+def test_overfits_eight_examples(toy, tmp_path):
+    # 4 pointwise records and 2 pairs in both orders: judged in both orders, a memorized pair must be
+    # memorized in both (the evaluation averages them), so each pair comes with its swapped twin
+    recs = [r for r in one_per_group(toy) if r["kind"] == "pointwise"]
+    for task in ("image_generation", "video_understanding"):
+        pair = next(r for r in common.read_jsonl(toy / "data" / "reward_train.jsonl")
+                    if r["task"] == task and r["kind"] == "pairwise" and r["label"] != 0)
+        recs += [pair, twin(pair)]
+    assert len(recs) == 8
+    data = small_data(toy, tmp_path, recs)
+    result = train.main(config(toy, tmp_path, data, steps=60, lr=2e-3, warmup=5, eval_every=60))
+    for task, m in result["metrics"].items():
+        assert m["point_exact"] == 1.0 and m.get("pair_tau", 1.0) == 1.0, (task, m)
+    log = [json.loads(l) for l in (tmp_path / "reward" / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["step"] == 60
+    assert common.load_model(tmp_path / "reward") is not None   # a plain save_pretrained folder
+
+
+def test_resume_continues_from_saved_step(toy, tmp_path, monkeypatch):
+    data = small_data(toy, tmp_path, common.read_jsonl(toy / "data" / "reward_train.jsonl")[:16])
+    straight = config(toy, tmp_path, data, out_dir=str(tmp_path / "straight"), steps=6, eval_every=3, batch_size=4)
+    train.main(straight)
+    calls = {"n": 0}
+    real = train.reward_loss
+
+    def interrupted(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4:                       # dies during step 4, after the step-3 checkpoint
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(train, "reward_loss", interrupted)
+    cut = config(toy, tmp_path, data, out_dir=str(tmp_path / "cut"), steps=6, eval_every=3, batch_size=4)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(cut)
+    assert torch.load(tmp_path / "cut" / "train_state.pt", weights_only=False)["step"] == 3
+    monkeypatch.setattr(train, "reward_loss", real)
+    train.main(train.Config(**{**cut.__dict__, "resume": True}))
+    a = common.load_model(tmp_path / "straight").state_dict()
+    b = common.load_model(tmp_path / "cut").state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    steps = [json.loads(l)["step"] for l in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()]
+    assert steps == [3, 6]
+
+
+def test_bad_input_is_skipped_and_named(toy, tmp_path):
+    processor = common.load_processor(toy / "base")
+    data_in = toy / "data"
+    length = lambda r: len(common.encode(processor, common.load_media(r["media"], data_in), r["question"],
+                                         r["answer"])["input_ids"])
+    pool = common.read_jsonl(data_in / "reward_train.jsonl")
+    longest = max(map(length, pool))
+    too_long = dict(next(r for r in pool if length(r) == longest), id="too-long")
+    good = [r for r in pool if length(r) < longest][:10]
+    max_len = max(map(length, good))                  # the longest record does not fit
+    missing = dict(good[0], id="missing-media", media=["media/nope.png"])
+    unknown = dict(good[1], id="unknown-task", task="audio_generation")
+    out_of_scale = dict(next(r for r in good if r["kind"] == "pointwise"), id="bad-score", score=9)
+    data = small_data(toy, tmp_path, good + [missing, unknown, out_of_scale, too_long])
+    with open(data / "reward_train.jsonl", "a") as f:
+        f.write("{not json\n")
+    train.main(config(toy, tmp_path, data, steps=2, eval_every=2, max_len=max_len))
+    skipped = [json.loads(l) for l in (tmp_path / "reward" / "skipped.jsonl").read_text().splitlines()]
+    reasons = {s["id"]: s["reason"] for s in skipped}
+    assert reasons["missing-media"].startswith("missing media")
+    assert reasons["unknown-task"].startswith("unknown task")
+    assert reasons["bad-score"].startswith("score 9 outside scale")
+    assert reasons["too-long"].startswith("too long")
+    assert any(k.startswith("line ") and v.startswith("malformed json") for k, v in reasons.items())
+    assert all(s["file"].endswith(".jsonl") for s in skipped)
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(toy, tmp_path, monkeypatch):
+    data = small_data(toy, tmp_path, common.read_jsonl(toy / "data" / "reward_train.jsonl")[:8])
+    real, calls = train.reward_loss, {"n": 0}
+
+    def poisoned(*a, **k):
+        calls["n"] += 1
+        loss, stats = real(*a, **k)
+        return (loss * float("nan") if calls["n"] == 3 else loss), stats
+    monkeypatch.setattr(train, "reward_loss", poisoned)
+    with pytest.raises(RuntimeError, match="last good checkpoint"):
+        train.main(config(toy, tmp_path, data, steps=4, eval_every=2, batch_size=4))
+    state = torch.load(tmp_path / "reward" / "train_state.pt", weights_only=False)
+    assert state["step"] == 2
+    model = common.load_model(tmp_path / "reward")
+    assert all(torch.isfinite(p).all() for p in model.parameters())

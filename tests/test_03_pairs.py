@@ -1,0 +1,92 @@
+"""03_build_pairs.py: pair ranking + point sifting, symmetric judging, outputs, resume, bad input."""
+import json
+
+import pytest
+import torch
+
+import common
+from conftest import stage
+
+pairs = stage("03_build_pairs")
+
+
+def test_rank_and_sift_picks_the_papers_pair():
+    quality = [3, 7, 5, 1, 9, 2, 4, 4, 6, 8]
+    wins = lambda i, j: quality[i] >= quality[j]
+    ch, rj, cl, rl = pairs.rank_and_sift(10, wins, lambda i: quality[i])
+    assert cl == [1, 2, 4, 6, 9] and rl == [0, 3, 5, 7, 8]      # winners of (0,1),(2,3),...,(8,9)
+    assert (ch, rj) == (4, 3)                                   # argmax over chosen, argmin over rejected
+    # point scores disagree with the pairwise verdicts: selection follows the scores within each list
+    scores = [0, 0, 9, 0, 1, 5, 0, 0, 0, 0]
+    assert pairs.rank_and_sift(10, wins, lambda i: scores[i])[:2] == (2, 0)   # rejected ties -> first index
+
+
+def test_strict_filter_and_unusable_verdicts():
+    flat = [2.0] * 10
+    assert pairs.rank_and_sift(10, lambda i, j: True, lambda i: flat[i])[:2] == (None, None)   # equal: dropped
+    assert pairs.rank_and_sift(10, lambda i, j: None, lambda i: float(i))[:2] == (None, None)  # no verdicts
+    # a pair without a verdict is left out, never read as "the first one wins"
+    ch, rj, cl, rl = pairs.rank_and_sift(4, lambda i, j: None if i == 0 else False, lambda i: float(i))
+    assert cl == [3] and rl == [2] and (ch, rj) == (3, 2)
+    # scores are compared as numbers: 10 beats 9 (as strings "9" > "10")
+    assert pairs.rank_and_sift(2, lambda i, j: True, lambda i: [9, 10][i])[:2] == (None, None)
+    assert pairs.rank_and_sift(2, lambda i, j: True, lambda i: [10, 9][i])[:2] == (0, 1)
+
+
+def test_both_order_judging_is_symmetric(tiny, toy):
+    model, processor = tiny
+    data = toy / "data"
+    recs = [r for r in common.read_jsonl(data / "reward_test.jsonl") if r["kind"] == "pairwise"]
+    media = [common.load_media(r["media"], data) for r in recs]
+    p = common.judge_pairwise(model, processor, recs, media, "cpu")
+    sw = [common.swapped(r, m) for r, m in zip(recs, media)]
+    q = common.judge_pairwise(model, processor, [s[0] for s in sw], [s[1] for s in sw], "cpu")
+    assert torch.allclose(p, q[:, [1, 0, 2]], atol=1e-5)
+    assert torch.allclose(p.sum(1), torch.ones(len(recs)), atol=1e-5)
+
+
+def run(toy, tmp_path, **kw):
+    cfg = pairs.Config(data_dir=str(toy / "data"), policy=str(toy / "base"), reward=str(toy / "base"),
+                       out_dir=str(tmp_path / "pairs"), n_samples=4, max_new_tokens=8, chunk=2, bench=4, **kw)
+    return pairs.main(cfg)
+
+
+def test_builds_pairs_and_reports(toy, tmp_path):
+    report = run(toy, tmp_path)
+    out = tmp_path / "pairs"
+    cands = common.read_jsonl(out / "candidates.jsonl")
+    assert len(cands) == 8 + 4          # 4 image + 4 video questions, 2 + 2 generation prompts
+    kept = common.read_jsonl(out / "pairs.jsonl") + common.read_jsonl(out / "gen_pairs.jsonl")
+    for c in cands:
+        assert len(c["scores"]) == 4 and all(isinstance(s, float) for s in c["scores"])
+        assert (c["chosen"] is None) == (c["id"] not in {p["id"] for p in kept})
+    for p in kept:
+        assert p["chosen_score"] > p["rejected_score"]
+    for p in common.read_jsonl(out / "gen_pairs.jsonl"):
+        assert p["label_0"] == 1 and ("jpg_0" in p) == (p["task"] == "image_generation")
+    tasks = report["tasks"]
+    assert sum(t["kept"] + t["dropped"] for t in tasks.values()) == len(cands)
+    assert report["speed"]["ratio"] > 0 and (out / "sheet.png").exists() or not kept
+
+
+def test_resume_and_bad_input(toy, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "media").symlink_to(toy / "data" / "media")
+    prompts = common.read_jsonl(toy / "data" / "prompts_train.jsonl")[:2]
+    prompts.append(dict(prompts[0], id="gone", media=["media/gone.png"]))
+    common.write_jsonl(data / "prompts_train.jsonl", prompts)
+    gen = common.read_jsonl(toy / "data" / "gen_candidates.jsonl")[:1]
+    gen += [dict(gen[0], id="one", media=gen[0]["media"][:1]), dict(gen[0], id="empty", media=[]),
+            dict(gen[0], id="broken", media=gen[0]["media"][:1] + ["media/gone.png"])]
+    common.write_jsonl(data / "gen_candidates.jsonl", gen)
+    cfg = pairs.Config(data_dir=str(data), policy=str(toy / "base"), reward=str(toy / "base"),
+                       out_dir=str(tmp_path / "pairs"), n_samples=4, max_new_tokens=8, bench=0)
+    pairs.main(cfg)
+    reasons = {json.loads(l)["id"]: json.loads(l)["reason"] for l in (tmp_path / "pairs" / "skipped.jsonl").read_text().splitlines()}
+    assert reasons["gone"].startswith("unreadable media") and reasons["broken"].startswith("unreadable candidate")
+    assert reasons["one"].startswith("fewer than two") and reasons["empty"].startswith("fewer than two")
+    first = (tmp_path / "pairs" / "candidates.jsonl").read_text()
+    assert len(first.splitlines()) == 3
+    pairs.main(cfg)                    # resuming: everything is done, nothing is judged twice
+    assert (tmp_path / "pairs" / "candidates.jsonl").read_text() == first

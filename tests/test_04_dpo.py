@@ -1,0 +1,79 @@
+"""04_dpo.py: the DPO loss by hand, the stored reference, gradients, and learning on fixed pairs."""
+import math
+
+import pytest
+import torch
+
+import common
+from conftest import stage
+
+dpo = stage("04_dpo")
+
+
+def test_dpo_loss_known_values():
+    z = torch.zeros(3)
+    losses, ch, rj = dpo.dpo_loss(z, z, z, z, beta=0.1)
+    assert torch.allclose(losses, torch.full((3,), math.log(2)))          # policy == reference
+    pi_c, pi_r = torch.tensor([-1.0, -5.0, -2.0]), torch.tensor([-3.0, -1.0, -2.0])
+    ref_c, ref_r = torch.tensor([-2.0, -2.0, -2.0]), torch.tensor([-2.0, -2.0, -2.0])
+    losses, ch, rj = dpo.dpo_loss(pi_c, pi_r, ref_c, ref_r, beta=0.5)
+    h = torch.tensor([2.0, -4.0, 0.0])                                    # (pi_c-ref_c)-(pi_r-ref_r)
+    assert torch.allclose(losses, torch.log1p(torch.exp(-0.5 * h)))
+    assert torch.allclose(ch, torch.tensor([0.5, -1.5, 0.0])) and torch.allclose(rj, torch.tensor([-0.5, 0.5, 0.0]))
+    smooth, _, _ = dpo.dpo_loss(pi_c, pi_r, ref_c, ref_r, beta=0.5, label_smoothing=0.2)
+    assert torch.allclose(smooth, 0.8 * torch.log1p(torch.exp(-0.5 * h)) + 0.2 * torch.log1p(torch.exp(0.5 * h)))
+    ipo, _, _ = dpo.dpo_loss(pi_c, pi_r, ref_c, ref_r, beta=0.5, kind="ipo")
+    assert torch.allclose(ipo, (h - 1.0) ** 2)
+    with pytest.raises(ValueError):
+        dpo.dpo_loss(z, z, z, z, kind="hinge?")
+
+
+def fixed_pairs(toy):
+    rows = common.read_jsonl(toy / "data" / "prompts_train.jsonl")[:4]
+    out = []
+    for r in rows:
+        wrong = ", ".join("purple" for _ in r["asked"])
+        out.append({"id": r["id"], "task": r["task"], "media": r["media"], "prompt": r["question"],
+                    "chosen": r["answer"], "rejected": wrong, "chosen_score": 3.0, "rejected_score": 1.0})
+    return out
+
+
+def test_stored_reference_equals_fresh_forward_and_grads_reach_policy_only(tiny, toy, tmp_path):
+    model, processor = tiny
+    pairs = fixed_pairs(toy)
+    media = [common.load_media(p["media"], toy / "data") for p in pairs]
+    cfg = dpo.Config(batch_size=3)
+    ref = dpo.reference_logps(model, processor, pairs, media, cfg)
+    assert not ref.requires_grad
+    fresh = common.load_model(toy / "base")
+    c, r = dpo.pair_logps(fresh, processor, pairs, media, 4096)
+    assert torch.allclose(ref, torch.stack([c, r], 1).detach(), atol=1e-5)
+    model.eval()
+    c, r = dpo.pair_logps(model, processor, pairs, media, 4096)
+    loss = dpo.dpo_loss(c, r, ref[:, 0], ref[:, 1])[0].mean()
+    assert torch.allclose(loss, torch.tensor(math.log(2)), atol=1e-5)      # policy == reference at start
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    assert ref.grad is None and all(p.grad is None for p in fresh.parameters())
+
+
+def test_dpo_steps_raise_the_margin(toy, tmp_path):
+    common.write_jsonl(tmp_path / "pairs.jsonl", fixed_pairs(toy) * 3)
+    cfg = dpo.Config(data_dir=str(toy / "data"), pairs=str(tmp_path / "pairs.jsonl"), policy=str(toy / "base"),
+                     out_dir=str(tmp_path / "policy"), epochs=4, batch_size=4, lr=1e-3, warmup=1, holdout=0.2)
+    final = dpo.main(cfg)
+    assert final["margin"] > 0.05 and final["reward_acc"] == 1.0
+    log = common.read_jsonl(tmp_path / "policy" / "log.jsonl")
+    assert log[-1]["heldout"]["margin"] > log[0]["heldout"]["margin"] - 1e-9
+    assert common.load_model(tmp_path / "policy") is not None
+
+
+def test_bad_pairs_are_skipped(toy, tmp_path):
+    good = fixed_pairs(toy)
+    bad = [dict(good[0], id="no-media", media=["media/none.png"]), dict(good[1], id="empty", chosen=" ")]
+    common.write_jsonl(tmp_path / "pairs.jsonl", good + bad)
+    processor = common.load_processor(toy / "base")
+    skips = common.SkipLog(tmp_path / "skipped.jsonl")
+    cfg = dpo.Config(data_dir=str(toy / "data"), pairs=str(tmp_path / "pairs.jsonl"))
+    kept, media = dpo.load_pairs(cfg, processor, skips)
+    assert [p["id"] for p in kept] == [p["id"] for p in good] and skips.total == 2

@@ -1,0 +1,50 @@
+"""05_eval.py: metrics on hand-made predictions, and the whole evaluation on the tiny toy."""
+import math
+
+import numpy as np
+import pytest
+
+import common
+from conftest import stage
+
+ev = stage("05_eval")
+
+
+def test_pairwise_metrics_by_hand():
+    # 4 pairs: labels 1, 2, 0 (tie), 1
+    p_ab = [[0.7, 0.2, 0.1], [0.6, 0.3, 0.1], [0.2, 0.2, 0.6], [0.1, 0.8, 0.1]]
+    # the same pairs judged swapped (first = original second)
+    p_ba = [[0.2, 0.7, 0.1], [0.9, 0.05, 0.05], [0.25, 0.15, 0.6], [0.3, 0.6, 0.1]]
+    m = ev.pairwise_metrics(p_ab, p_ba, [1, 2, 0, 1])
+    # averaged in original order: [.45,.45,.1] ... pair 1: first .45 = second .45 -> forced 1 (>=)
+    # pair 2: first (.6+.05)/2=.325, second (.3+.9)/2=.6 -> 2; pair 4: first .35, second .45 -> 2 (wrong)
+    assert m["diff"] == pytest.approx(2 / 3)
+    assert m["tau"] == pytest.approx(3 / 4)         # pair 3 is a predicted tie (.6) and a true tie
+    # same forced verdict in both orders? pair 1 (1, 1) yes; 2 (1, 2), 3 (1 by >=, 2), 4 (2, 1) no
+    assert m["consistency"] == pytest.approx(0.25) and m["ties"] == 1 and m["n"] == 4
+
+
+def test_spearman_and_wilson_known_values():
+    assert ev.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert ev.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # ties share their average rank: x ranks (0, 1.5, 1.5, 3), y ranks (0, 2, 1, 3) -> 4.5 / sqrt(4.5 * 5)
+    assert ev.spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(4.5 / (4.5 * 5) ** 0.5)
+    assert math.isnan(ev.spearman([1, 1, 1], [1, 2, 3]))
+    lo, hi = ev.wilson(5, 10)
+    assert (lo, hi) == (pytest.approx(0.2366, abs=1e-4), pytest.approx(0.7634, abs=1e-4))
+    assert ev.wilson(0, 20)[0] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_pointwise_metrics_by_hand():
+    m = ev.pointwise_metrics([4.6, 2.1, 2.9, 1.2], [5, 2, 2, 1], [5, 2, 3, 1])
+    assert m["exact"] == 0.75 and m["spearman"] == pytest.approx(1.0) and m["n"] == 4
+
+
+def test_eval_runs_end_to_end(toy, tmp_path):
+    cfg = ev.Config(data_dir=str(toy / "data"), reward=str(toy / "base"), base_policy=str(toy / "base"),
+                    policy=str(toy / "base"), pairs_dir="", out_dir=str(tmp_path / "eval"), max_new_tokens=8)
+    results = ev.main(cfg)
+    assert set(results["judge"]) == set(common.TASKS)
+    for task, m in results["policy"].items():
+        assert m["before"] == m["after"] and m["changed_answers"] == 0        # same checkpoint twice
+    assert (tmp_path / "eval" / "results.md").read_text().startswith("## Reward model")

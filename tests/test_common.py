@@ -1,0 +1,197 @@
+"""common.py: tokenizer and processor, batches and masks, log-probs, one-forward judging, files."""
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import common
+
+
+def image(colour=(200, 30, 30)):
+    a = np.zeros((64, 64, 3), np.uint8)
+    a[10:30, 10:30] = colour
+    return Image.fromarray(a)
+
+
+def video():
+    frames = np.zeros((8, 64, 64, 3), np.uint8)
+    for t in range(8):
+        frames[t, 20:30, 4 + 5 * t:14 + 5 * t] = (30, 200, 30)
+    return common.Video(frames, fps=8.0)
+
+
+def test_tokenizer_and_processor_round_trip(tiny, tmp_path):
+    model, processor = tiny
+    processor.save_pretrained(tmp_path)
+    again = common.load_processor(tmp_path)
+    text = "Caption: a red square at the top left\nFinal Score: 4"
+    assert again.tokenizer(text)["input_ids"] == processor.tokenizer(text)["input_ids"]
+    assert again.tokenizer.decode(again.tokenizer(text)["input_ids"]) == text
+    a = common.encode(processor, [image()], "Which?", "Final Score: 4")
+    b = common.encode(again, [image()], "Which?", "Final Score: 4")
+    assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["pixel_values"], b["pixel_values"])
+    # every score digit is a single token, as the one-forward readout of scores needs
+    for s in range(10):
+        assert len(processor.tokenizer(str(s), add_special_tokens=False)["input_ids"]) == 1
+
+
+def test_mm_token_type_ids_marked_and_padded(tiny):
+    model, processor = tiny
+    tok = processor.tokenizer
+    e1 = common.encode(processor, [image(), image()], "Which image?", "Image 1 is better than Image 2.")
+    e2 = common.encode(processor, [video()], "What moves?", "Answer 1 is better.")
+    ids = tok.convert_tokens_to_ids
+    for e in (e1, e2):
+        assert torch.equal(e["mm_token_type_ids"] == 1, e["input_ids"] == ids("<|image_pad|>"))
+        assert torch.equal(e["mm_token_type_ids"] == 2, e["input_ids"] == ids("<|video_pad|>"))
+    assert (e1["mm_token_type_ids"] == 1).sum() == 2 * 16      # two 64x64 pictures, 16 tokens each
+    assert (e2["mm_token_type_ids"] == 2).sum() == 16          # 8 frames at 32x32 -> 4 x 2 x 2
+    for side in ("right", "left"):
+        b = common.collate([e1, e2], tok.pad_token_id, side)
+        assert "mm_token_type_ids" in b and b["mm_token_type_ids"].shape == b["input_ids"].shape
+        pad = b["attention_mask"] == 0
+        assert (b["mm_token_type_ids"][pad] == 0).all() and (b["input_ids"][pad] == tok.pad_token_id).all()
+        assert pad[1, -1 if side == "right" else 0]             # the shorter row is padded on that side
+        assert torch.equal(b["mm_token_type_ids"][0][b["attention_mask"][0] == 1], e1["mm_token_type_ids"])
+
+
+def test_only_answer_tokens_carry_loss(tiny):
+    model, processor = tiny
+    answer = "Image 2 is better than Image 1."
+    e = common.encode(processor, [image(), image((30, 30, 200))], "Which image fits?", answer)
+    span = e["input_ids"][e["answer_mask"]]
+    assert processor.tokenizer.decode(span) == answer + common.END_OF_TURN
+    # the mask is one contiguous block at the end
+    assert e["answer_mask"][-len(span):].all() and not e["answer_mask"][:-len(span)].any()
+
+
+def test_answer_logps_match_independent_cross_entropy(tiny):
+    model, processor = tiny
+    encs = [common.encode(processor, [image()], "Rate it.", "Final Score: 3"),
+            common.encode(processor, [image(), image()], "Which?", "Both images are equally good.")]
+    batch = common.collate(encs, processor.tokenizer.pad_token_id)
+    logps, rows = common.answer_token_logps(model, batch)
+    # independent: full logits from the model's own forward, labels -100 outside the answer
+    logits = model(**common.model_inputs(batch)).logits[:, :-1]
+    labels = batch["input_ids"][:, 1:].masked_fill(~batch["answer_mask"][:, 1:], -100)
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+    assert torch.allclose(-logps.mean(), ce, atol=1e-5)
+    per_row = common.answer_logps(model, batch)
+    assert torch.allclose(per_row, torch.stack([logps[rows == i].sum() for i in range(2)]))
+
+
+def test_video_decode_to_forward(tiny, tmp_path, prep):
+    model, processor = tiny
+    frames = prep.render_video({"colour": "red", "direction": "right", "size": "large"}, None,
+                               np.random.default_rng(0))
+    prep.write_mp4(frames, tmp_path / "clip.mp4")
+    v = common.load_video(tmp_path / "clip.mp4")
+    assert v.frames.shape == (8, 64, 64, 3) and abs(v.fps - 8.0) < 1e-6
+    assert np.abs(v.frames.astype(int) - frames).mean() < 2          # near lossless 4:4:4 encoding
+    e = common.encode(processor, [v], "Describe the video.", "a large red square moving right")
+    assert e["video_grid_thw"].tolist() == [[4, 4, 4]]
+    out = model(**common.model_inputs(common.collate([e], 0)))
+    assert torch.isfinite(out.logits).all()
+    with pytest.raises(common.MediaError):
+        common.load_video(tmp_path / "missing.mp4")
+    (tmp_path / "bad.mp4").write_bytes(b"not a video")
+    with pytest.raises(common.MediaError):
+        common.load_video(tmp_path / "bad.mp4")
+
+
+def test_checkpoint_save_load_same_logits(tiny, tmp_path):
+    model, processor = tiny
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "log.jsonl").write_text('{"step": 1}\n')
+    common.save_checkpoint(model, processor, tmp_path / "ckpt", extra={"step": 7})
+    assert (tmp_path / "ckpt" / "log.jsonl").read_text() == '{"step": 1}\n'   # logs survive the swap
+    assert torch.load(tmp_path / "ckpt" / "train_state.pt")["step"] == 7
+    again = common.load_model(tmp_path / "ckpt")
+    batch = common.collate([common.encode(processor, [image()], "Rate it.", "Final Score: 2")], 0)
+    with torch.no_grad():
+        assert torch.equal(model(**common.model_inputs(batch)).logits, again(**common.model_inputs(batch)).logits)
+
+
+def test_decision_path(tiny):
+    tok = tiny[1].tokenizer
+    path, steps = common.decision_path(tok, [a for _, a in common.verdict_candidates("image_generation", "pairwise")])
+    assert tok.decode(path) == "Image "
+    assert [d for d, _ in steps] == [0, 2]                      # Image/Both, then 1/2
+    path, steps = common.decision_path(tok, [a for _, a in common.verdict_candidates("video_understanding", "pointwise", (1, 10))])
+    assert tok.decode(path) == "Final Score: 1" and len(steps) == 2   # 1 vs 10 needs one more token
+    with pytest.raises(ValueError):
+        common.decision_path(tok, [a for _, a in common.verdict_candidates("image_understanding", "pointwise", (0, 100))])
+
+
+def overfit(model, processor, examples, steps=200):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    batch = common.collate([common.encode(processor, m, q, a) for m, q, a in examples], processor.tokenizer.pad_token_id)
+    model.train()
+    for _ in range(steps):
+        loss = -common.answer_token_logps(model, batch)[0].mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    return loss.item()
+
+
+def test_one_forward_verdict_agrees_with_generate(tiny):
+    model, processor = tiny
+    red, blue, green = image(), image((30, 30, 200)), image((30, 200, 30))
+    task = "image_generation"
+    # the verdicts differ by colour content (the 60-step test base barely tells picture order apart)
+    cases = [([red, red], 1), ([blue, blue], 2), ([green, green], 0)]
+    q = common.render_question(task, "pairwise", "a red square")
+    examples = [(m, q, common.render_answer(task, "pairwise", label=lab)) for m, lab in cases]
+    point = [([red], common.render_question(task, "pointwise", "a red square", scale=(1, 5)), "Final Score: 5"),
+             ([blue], common.render_question(task, "pointwise", "a red square", scale=(1, 5)), "Final Score: 1")]
+    assert overfit(model, processor, examples + point) < 0.05
+    recs = [{"task": task, "kind": "pairwise", "prompt": "a red square", "responses": []}] * 3
+    p = common.judge_pairwise(model, processor, recs, [m for m, _ in cases], "cpu", both_orders=False)
+    texts = common.generate(model, processor, [(m, q) for m, _ in cases], "cpu", max_new_tokens=16)
+    for row, (m, lab), (text,) in zip(p.tolist(), cases, texts):
+        assert common.pairwise_verdict(row) == lab == common.parse_verdict(text, task, "pairwise")
+    recs = [{"task": task, "kind": "pointwise", "prompt": "a red square", "responses": [], "scale": [1, 5]}] * 2
+    expected, best = common.judge_pointwise(model, processor, recs, [[red], [blue]], "cpu")
+    assert best.tolist() == [5.0, 1.0] and expected[0] > 4.5 and expected[1] < 1.5
+
+
+def test_parse_verdict_is_strict():
+    t = "image_generation"
+    assert common.parse_verdict("Reasoning... Image 2 is better than Image 1.", t, "pairwise") == 2
+    assert common.parse_verdict("Both images are equally good.", t, "pairwise") == 0
+    assert common.parse_verdict("I cannot tell.", t, "pairwise") is None          # never defaults to 1
+    assert common.parse_verdict("Image 1 is better than Image 2. Image 2 is better than Image 1.", t, "pairwise") is None
+    assert common.parse_verdict("a: 3\nFinal Score: 4", t, "pointwise", (1, 5)) == 4
+    assert common.parse_verdict("Final Score: 10", t, "pointwise", (1, 5)) is None  # outside the scale
+    assert common.parse_verdict("Final Score: 87", t, "pointwise", (0, 100)) == 87  # a number, not "87"
+    assert common.parse_verdict("Answer 2 is better.", "image_understanding", "pairwise") == 2
+
+
+def test_read_jsonl_skips_and_names_bad_lines(tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_text('{"id": 1}\n{broken\n[1, 2]\n\n{"id": 2}\n')
+    skips = common.SkipLog(tmp_path / "skipped.jsonl")
+    assert [r["id"] for r in common.read_jsonl(path, skips)] == [1, 2]
+    logged = [json.loads(l) for l in (tmp_path / "skipped.jsonl").read_text().splitlines()]
+    assert [l["id"] for l in logged] == ["line 2", "line 3"] and all(l["file"] == str(path) for l in logged)
+    assert "skipped 2 records" in skips.summary()
+    with pytest.raises(ValueError, match="x.jsonl:2"):
+        common.read_jsonl(path)
+
+
+def test_parse_config_reads_comments_and_flags():
+    import dataclasses
+
+    @dataclasses.dataclass
+    class C:
+        lr: float = 1e-3       # peak learning rate
+        resume: bool = False   # continue
+        name: str = "a"        # a name
+    c = common.parse_config(C, ["--lr", "0.5", "--resume", "--name", "b"])
+    assert (c.lr, c.resume, c.name) == (0.5, True, "b")
+    assert common._field_comments(C)["lr"] == "peak learning rate"
