@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
+import os
+import re
 import time
 from pathlib import Path
 
@@ -256,6 +259,7 @@ class MediaWriter:
 def write_mp4(frames: np.ndarray, path, fps: int = 8) -> None:
     """(T, H, W, 3) uint8 -> H.264 mp4 in 4:4:4 chroma at high quality, so colours and noise survive."""
     import av
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), "w") as out:
         stream = out.add_stream("libx264", rate=fps)
         stream.width, stream.height = frames.shape[2], frames.shape[1]
@@ -464,10 +468,193 @@ def pretrain_base(cfg, corpus, out_dir: Path):
 
 
 # ---------------------------------------------------------------------------------------------
+# the released training data (../shared/FORMATS.md), mapped to the same unified records
+#
+# dataset/<Source>/[pairwise|pointwise/]train_data.json: a JSON list in the LLaVA conversation format
+#   {"id", "image": "a.png" | [..], "images": [..] (more than 2 = frames of clips), "video": "x.mp4",
+#    "conversations": [{"from": "human", "value": "<image>\n...prompt"}, {"from": "gpt", "value": "...verdict"}]}
+# or the LLaMA-Factory copy: {"messages": [{"role": "user", ...}, {"role": "assistant", ...}], "images": [..]}.
+
+# source folder -> (task, kind, score scale, media folder inside the source)
+SOURCES = {
+    "EvalMuse/pairwise": ("image_generation", "pairwise", None, "images"),
+    "EvalMuse/pointwise": ("image_generation", "pointwise", (1, 5), "images"),
+    "HPD": ("image_generation", "pairwise", None, ""),
+    "OIP": ("image_generation", "pairwise", None, ""),
+    "LLaVA-critic/pairwise": ("image_understanding", "pairwise", None, ""),
+    "LLaVA-critic/pointwise": ("image_understanding", "pointwise", (0, 100), ""),
+    "VideoDPO": ("video_generation", "pairwise", None, ""),
+    "LiFT-HRA": ("video_generation", "pointwise", (1, 10), ""),
+    "VideoFeedback": ("video_generation", "pointwise", (1, 10), "frames"),
+    "ShareGPTVideo/pairwise": ("video_understanding", "pairwise", None, "videos"),
+    "ShareGPTVideo/pointwise": ("video_understanding", "pointwise", (1, 5), "videos"),
+}
+# the authors' mix (their train_data.yaml): every source in full except these two
+AUTHORS_MIX = {"LLaVA-critic/pointwise": "random:25000", "OIP": "random:25000"}
+
+
+class Unmappable(ValueError):
+    """A released record that cannot be turned into a unified record; skipped, counted and named."""
+
+
+def conversation(raw: dict) -> tuple[str, str]:
+    """(human prompt, judge answer) from either released layout."""
+    if "conversations" in raw:
+        turns = {t.get("from"): t.get("value") for t in raw["conversations"]}
+        human, gpt = turns.get("human"), turns.get("gpt")
+    elif "messages" in raw:
+        turns = {t.get("role"): t.get("content") for t in raw["messages"]}
+        human, gpt = turns.get("user"), turns.get("assistant")
+    else:
+        raise Unmappable("no conversations/messages")
+    if not isinstance(human, str) or not isinstance(gpt, str):
+        raise Unmappable("malformed conversation: needs one human and one gpt turn")
+    return human, gpt
+
+
+def released_media(raw: dict, task: str, kind: str) -> tuple[list, int]:
+    """The record's media as unified entries (a path, or a list of frame paths for a clip), and the
+    number of files named. Frame lists: a pair of clips is split in two halves."""
+    files = []
+    for key in ("image", "images", "video", "videos"):
+        v = raw.get(key)
+        files += [v] if isinstance(v, str) else list(v or [])
+    n_media = 2 if kind == "pairwise" and task.endswith("generation") else 1
+    if task.startswith("video") and len(files) > n_media and not any(common.is_video(f) for f in files):
+        if len(files) % n_media:
+            raise Unmappable(f"{len(files)} frames cannot be split into {n_media} clips")
+        k = len(files) // n_media
+        return [files[i * k:(i + 1) * k] for i in range(n_media)], len(files)
+    if len(files) != n_media:
+        raise Unmappable(f"expected {n_media} media for {task} {kind}, found {len(files)}")
+    return files, len(files)
+
+
+def structured_fields(human: str, task: str) -> tuple[str, list[str]]:
+    """Best-effort caption/question and the judged answers from the released prompt wording, used to
+    re-render the pair in the other order at evaluation time; empty when the wording differs."""
+    if task.endswith("generation"):
+        m = re.search(r"Text (?:Caption|Prompt): \[(.*?)\]", human, re.S)
+        return (m.group(1) if m else ""), []
+    q = re.search(r"Question: \[?(.*?)\]?\n", human, re.S)
+    answers = re.findall(r"(?:Answer [12]|Response [12]|The (?:first|second) response|Response): \[?(.*?)\]?(?:\n|$)",
+                         human, re.S)
+    return (q.group(1).strip() if q else ""), [a.strip() for a in answers]
+
+
+def to_unified(raw: dict, source: str, media_root: Path, data_dir: Path, index: int) -> dict:
+    """One released record -> one unified record (raises Unmappable with the reason)."""
+    task, kind, scale, _ = SOURCES[source]
+    human, gpt = conversation(raw)
+    media, n_files = released_media(raw, task, kind)
+    placeholders = human.count("<image>") + human.count("<video>")
+    if placeholders > n_files:
+        raise Unmappable(f"{placeholders} <image> placeholders but {n_files} media")
+    verdict = common.parse_verdict(gpt, task, kind, scale)
+    if verdict is None:
+        if kind == "pointwise" and re.search(r"Final Score:\s*-?\d", gpt):
+            raise Unmappable(f"score outside scale {scale}: {gpt[-40:]!r}")
+        raise Unmappable(f"no {kind} verdict in the answer: {gpt[-60:]!r}")
+    rel = lambda p: os.path.relpath(media_root / p, data_dir)
+    prompt, responses = structured_fields(human, task)
+    return {"id": f"{source.replace('/', '-')}-{raw.get('id', index)}", "source": source, "task": task,
+            "kind": kind, "media": [[rel(f) for f in m] if isinstance(m, list) else rel(m) for m in media],
+            "prompt": prompt, "responses": responses,
+            "label": verdict if kind == "pairwise" else None, "score": verdict if kind == "pointwise" else None,
+            "scale": list(scale) if scale else None,
+            "question": re.sub(r"\s*<(image|video)>\s*", " ", human).strip(), "answer": gpt}
+
+
+def parse_mix(mix: str) -> dict[str, str]:
+    """'all', 'authors', 'HPD=all,OIP=random:5000', or a yaml file in the authors' format
+    (datasets: [{json_path: dataset/OIP/train_data.json, sampling_strategy: random:25000}, ...])."""
+    if mix == "all":
+        return {s: "all" for s in SOURCES}
+    if mix == "authors":
+        return {s: AUTHORS_MIX.get(s, "all") for s in SOURCES}
+    if Path(mix).is_file():
+        import yaml
+        out = {}
+        for d in yaml.safe_load(Path(mix).read_text())["datasets"]:
+            src = str(Path(d["json_path"]).parent).split("dataset/")[-1]
+            out[src] = d.get("sampling_strategy", "all")
+        return out
+    return dict(part.split("=") for part in mix.split(","))
+
+
+def sample(items: list, strategy: str, rng) -> list:
+    if strategy == "all":
+        return items
+    kind, _, n = strategy.partition(":")
+    if kind != "random" or not n.isdigit():
+        raise ValueError(f"unknown sampling strategy {strategy!r} (use all or random:N)")
+    idx = sorted(rng.permutation(len(items))[:int(n)])
+    return [items[i] for i in idx]
+
+
+def write_released(cfg, data_dir: Path) -> list[dict]:
+    """Map every released source in the mix to unified records; returns them (train and test)."""
+    root = Path(cfg.data_dir)
+    if not root.is_dir():                        # a hub id: download when a network is there
+        from huggingface_hub import snapshot_download
+        root = Path(snapshot_download(cfg.data_dir, repo_type="dataset"))
+    if (root / "dataset").is_dir():
+        root = root / "dataset"
+    skips = common.SkipLog(data_dir / "skipped.jsonl")
+    mix = parse_mix(cfg.mix)
+    found = sorted(str(p.parent.relative_to(root)) for p in root.rglob("train_data.json"))
+    for src in found:
+        if src not in SOURCES:
+            skips.add(root / src / "train_data.json", None, f"unknown source folder: {src}")
+    rng = np.random.default_rng(cfg.seed)
+    records = []
+    for src in [s for s in found if s in SOURCES and s in mix]:
+        path = root / src / "train_data.json"
+        try:
+            raw = json.loads(path.read_text())
+        except ValueError as e:
+            skips.add(path, None, f"malformed json: {e}")
+            continue
+        if not isinstance(raw, list):
+            skips.add(path, None, f"malformed json: top level is {type(raw).__name__}, not a list")
+            continue
+        media_root = root / src.split("/")[0] / SOURCES[src][3]
+        kept = []
+        for i, r in enumerate(raw):
+            try:
+                if not isinstance(r, dict):
+                    raise Unmappable("record is not an object")
+                rec = to_unified(r, src, media_root, data_dir, i)
+                why = common.check_record(rec, data_dir)
+                if why:
+                    raise Unmappable(why)
+                kept.append(rec)
+            except Unmappable as e:
+                skips.add(path, r.get("id", f"#{i}") if isinstance(r, dict) else f"#{i}", str(e))
+        records += sample(kept, mix[src], rng)
+    print(released_table(records))
+    print(skips.summary())
+    return records
+
+
+def released_table(records) -> str:
+    """Records per source, task and kind."""
+    lines = ["| source | task | kind | records |", "|---|---|---|---|"]
+    for src in SOURCES:
+        rs = [r for r in records if r["source"] == src]
+        if rs:
+            lines.append(f"| {src} | {rs[0]['task']} | {rs[0]['kind']} | {len(rs)} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass
 class Config:
     out_dir: str = "runs/toy"        # data/ and base/ are written under this folder
+    data_dir: str = ""               # released data (folder with dataset/<Source>/..., or a hub id); empty = toy
+    mix: str = "authors"             # released data: all, authors, SRC=all|random:N,..., or the authors' yaml
+    test_share: float = 0.01         # released data: share held out as reward_test.jsonl
     seed: int = 0                    # one seed for the whole toy world and the base model
     train_per_group: int = 1500      # judge training records per task and kind (x8 groups)
     test_per_group: int = 150        # held-out judge records per task and kind
@@ -489,6 +676,14 @@ def main(cfg: Config) -> None:
     out = Path(cfg.out_dir)
     data = out / "data"
     data.mkdir(parents=True, exist_ok=True)
+    if cfg.data_dir:   # the released data: map, mix, hold out a test share; no toy world, no tiny base
+        records = write_released(cfg, data)
+        order = np.random.default_rng(cfg.seed).permutation(len(records))
+        n_test = int(round(cfg.test_share * len(records)))
+        common.write_jsonl(data / "reward_test.jsonl", [records[i] for i in order[:n_test]])
+        common.write_jsonl(data / "reward_train.jsonl", [records[i] for i in order[n_test:]])
+        print(f"{len(records) - n_test} train / {n_test} test records -> {data}  ({time.time() - t0:.0f}s)")
+        return
     writer = MediaWriter(data)
     # one random stream per split, so changing one split's size leaves the others unchanged
     stream = lambda name: np.random.default_rng([cfg.seed, sum(map(ord, name))])

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,9 @@ class Config:
     pairs_dir: str = "runs/toy/pairs"      # stage 3 output, for pair precision ("" = skip)
     out_dir: str = "runs/toy/eval"         # results.json, results.md
     template: str = "short"                # judge prompt wording: short (toy) or paper (released)
+    judge: str = "forward"                 # forward: one-pass readout; generate: generate + strict parsing
+    benchmarks: str = ""                   # comma list of vlrewardbench, genai-image, genai-video, videogen,
+                                           # each optionally =folder (else the hub); empty = the toy benchmark
     max_new_tokens: int = 24               # longest policy answer
     batch_size: int = 16                   # sequences per forward pass
     seed: int = 0
@@ -189,6 +193,131 @@ def pair_precision(cfg) -> dict:
     return {task: {"precision": k / n, "pairs": n} for task, (k, n) in out.items()}
 
 
+# ---------------------------------------------------------------------------------------------
+# the published reward benchmarks (../shared/FORMATS.md), judged with the same code as the toy
+
+BENCHMARKS = {   # name -> (hub id, config, split)
+    "vlrewardbench": ("MMInstruction/VL-RewardBench", None, "test"),
+    "genai-image": ("TIGER-Lab/GenAI-Bench", "image_generation", "test"),
+    "genai-video": ("TIGER-Lab/GenAI-Bench", "video_generation", "test"),
+    "videogen": ("KwaiVGI/VideoGen-RewardBench", None, "eval"),
+}
+# the paper's numbers for the released judge (LLaVA-OneVision-7B backbone), for reference
+PAPER = {"vlrewardbench": {"overall": 66.1, "macro": 66.5}, "genai-image": {"tau": 54.8, "diff": 70.9},
+         "genai-video": {"tau": 60.7, "diff": 77.2}, "videogen": {"tau": 66.6, "diff": 79.3}}
+VOTES = {"leftvote": 1, "rightvote": 2, "tievote": 0, "bothbad_vote": 0}
+VL_GROUPS = {"hallucination": "Hallucination", "povid": "Hallucination", "rlhf": "Hallucination",
+             "rlaif": "Hallucination", "mathverse": "Reasoning", "mmmu": "Reasoning",
+             "wildvision": "General", "vlfeedback": "General"}
+
+
+def load_rows(name: str, source: str) -> tuple[list[dict], Path]:
+    """Benchmark rows from a local folder (parquet / json / jsonl files in the hub layout) or the hub."""
+    import datasets
+    hub_id, config, split = BENCHMARKS[name]
+    folder = Path(source) if source else None
+    if folder and folder.is_dir():
+        files = sorted(str(p) for p in folder.rglob("*") if p.suffix in (".parquet", ".jsonl", ".json"))
+        kind = "parquet" if files and files[0].endswith(".parquet") else "json"
+        ds = datasets.load_dataset(kind, data_files=files, split="train")
+    else:
+        ds = datasets.load_dataset(source or hub_id, config, split=split)
+        folder = Path(".")
+    return list(ds), folder
+
+
+def medium_of(value, folder: Path, name: str):
+    """A benchmark's image or clip: a PIL image, {"bytes", "path"}, or a path relative to the folder."""
+    from PIL import Image
+    if isinstance(value, Image.Image):
+        return value.convert("RGB")
+    if isinstance(value, dict) and value.get("bytes"):
+        import io
+        return Image.open(io.BytesIO(value["bytes"])).convert("RGB")
+    path = value.get("path") if isinstance(value, dict) else value
+    if not isinstance(path, str) or "://" in path:
+        raise common.MediaError(f"{name}: medium {str(path)[:80]!r} is not a local file")
+    return common.load_media([path], folder)[0]
+
+
+def benchmark_records(name, rows, folder, skips) -> tuple[list[dict], list]:
+    """Rows -> unified pairwise records (label 1, 2 or 0 = tie) and their media."""
+    records, media = [], []
+    for i, row in enumerate(rows):
+        rid = str(row.get("id", i))
+        try:
+            if name == "vlrewardbench":
+                ranking = row["human_ranking"]
+                rec = {"task": "image_understanding", "prompt": row["query"], "responses": list(row["response"]),
+                       "label": 1 if ranking[0] == 0 else 2, "group": VL_GROUPS.get(
+                           re.split(r"[_-]", rid.lower())[0], "General")}
+                m = [medium_of(row["image"], folder, name)]
+            elif name.startswith("genai"):
+                if row["vote_type"] not in VOTES:
+                    raise ValueError(f"vote type {row['vote_type']!r} not in {sorted(VOTES)}")
+                key = "image" if name == "genai-image" else "video"
+                rec = {"task": f"{key}_generation", "prompt": row["prompt"], "responses": [],
+                       "label": VOTES[row["vote_type"]]}
+                m = [medium_of(row[f"left_{key}"], folder, name), medium_of(row[f"right_{key}"], folder, name)]
+            else:
+                overall = {"A": 1, "B": 2, "same": 0}
+                if row["Overall"] not in overall:
+                    raise ValueError(f"Overall {row['Overall']!r} not in A/B/same")
+                rec = {"task": "video_generation", "prompt": row["prompt"], "responses": [],
+                       "label": overall[row["Overall"]]}
+                m = [medium_of(row["path_A"], folder, name), medium_of(row["path_B"], folder, name)]
+        except (KeyError, ValueError, TypeError, common.MediaError) as e:
+            skips.add(f"{name}:{folder}", rid, f"{type(e).__name__}: {e}")
+            continue
+        records.append({**rec, "id": rid, "kind": "pairwise"})
+        media.append(m)
+    return records, media
+
+
+def run_benchmark(name, source, model, processor, cfg, device, skips) -> dict:
+    rows, folder = load_rows(name, source)
+    records, media = benchmark_records(name, rows, folder, skips)
+    if cfg.judge == "generate":
+        labels = common.judge_by_generating(model, processor, records, media, device, cfg.template)
+        probs = [None if lab is None else [float(lab == 1), float(lab == 2), float(lab == 0)] for lab in labels]
+    else:
+        probs = common.judge_pairwise(model, processor, records, media, device, cfg.template,
+                                      batch_size=cfg.batch_size).tolist()
+    unparsed = sum(p is None for p in probs)
+    preds = [{"label": r["label"], "p": p or [0.0, 0.0, 0.0], "group": r.get("group")} for r, p in zip(records, probs)]
+    return {**benchmark_metrics(name, preds), "n": len(preds), "unparsed": unparsed,
+            "skipped": len(rows) - len(records)}
+
+
+def benchmark_metrics(name, preds) -> dict:
+    """VL-RewardBench: accuracy per group, Overall (correct / all) and Macro (mean of the groups).
+    Generation benchmarks: tau (ties count, right only when the judge says tie) and diff (non-tie
+    pairs, forced choice). An unparsed verdict (p all zero) is wrong in every metric."""
+    right = lambda p, ties: (sum(p["p"]) > 0) and common.pairwise_verdict(p["p"], ties) == p["label"]
+    if name == "vlrewardbench":
+        groups = {}
+        for p in preds:
+            groups.setdefault(p["group"], []).append(right(p, False))
+        acc = {g: sum(v) / len(v) for g, v in sorted(groups.items())}
+        return {"overall": sum(right(p, False) for p in preds) / max(1, len(preds)),
+                "macro": sum(acc.values()) / max(1, len(acc)), "groups": acc,
+                "group_sizes": {g: len(v) for g, v in groups.items()}}
+    strict = [p for p in preds if p["label"] != 0]
+    return {"tau": sum(right(p, True) for p in preds) / max(1, len(preds)),
+            "diff": sum(right(p, False) for p in strict) / max(1, len(strict)), "ties": len(preds) - len(strict)}
+
+
+def benchmarks_markdown(results: dict) -> str:
+    lines = ["## Reward benchmarks (this judge | paper, UnifiedReward LLaVA-OV-7B)", "",
+             "| benchmark | metric | this judge | paper |", "|---|---|---|---|"]
+    for name, m in results.items():
+        for metric in ("overall", "macro") if name == "vlrewardbench" else ("tau", "diff"):
+            lines.append(f"| {name} | {metric} | {100 * m[metric]:.1f} | {PAPER[name][metric]} |")
+        if name == "vlrewardbench":
+            lines += [f"| {name} | {g} (n={m['group_sizes'][g]}) | {100 * a:.1f} | |" for g, a in m["groups"].items()]
+    return "\n".join(lines) + "\n"
+
+
 def to_markdown(results) -> str:
     pct = lambda x: "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
     lines = ["## Reward model (held-out toy benchmark)", "",
@@ -220,6 +349,18 @@ def main(cfg: Config) -> dict:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     skips = common.SkipLog(out / "skipped.jsonl")
+    if cfg.benchmarks:   # the published benchmarks instead of the toy one
+        model = common.load_model(cfg.reward, device).eval()
+        processor = common.load_processor(cfg.reward)
+        results = {}
+        for item in cfg.benchmarks.split(","):
+            name, _, source = item.partition("=")
+            results[name] = run_benchmark(name, source, model, processor, cfg, device, skips)
+        (out / "benchmarks.json").write_text(json.dumps(results, indent=1))
+        md = benchmarks_markdown(results)
+        (out / "benchmarks.md").write_text(md)
+        print(md + skips.summary())
+        return results
     results = {"judge": evaluate_judge(cfg, device, skips)}
     if cfg.policy:
         results["policy"] = evaluate_policies(cfg, device, skips)

@@ -320,7 +320,13 @@ def parse_verdict(text: str, task: str, kind: str, scale=None):
         if scale and not (scale[0] <= score <= scale[1]):
             return None
         return score
-    hits = {value for value, answer in verdict_candidates(task, kind) if answer.rstrip(".") in text}
+    # the verdict phrases, short enough to match every released wording ("Image 1 is better.",
+    # "Image 1 is better than Image 2.", "Overall Judgment: Answer 1 is better than Answer 2.")
+    noun = "Answer" if task.endswith("understanding") else medium_noun(task)
+    phrases = {1: f"{noun} 1 is better", 2: f"{noun} 2 is better"}
+    if not task.endswith("understanding"):
+        phrases[0] = f"Both {noun.lower()}s are equally good"
+    hits = {value for value, phrase in phrases.items() if phrase in text}
     return hits.pop() if len(hits) == 1 else None
 
 
