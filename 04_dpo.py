@@ -168,7 +168,7 @@ def main(cfg: Config) -> dict:
             "config": dataclasses.asdict(cfg)})
 
     print("held-out before:", {k: round(v, 3) for k, v in evaluate().items()})
-    bar = tqdm(total=total, initial=step, desc="dpo", dynamic_ncols=True)
+    bar = tqdm(total=total, initial=step, desc="dpo", dynamic_ncols=True, mininterval=2)
     t0 = time.time()
     while step < total:
         epoch, k = divmod(step, steps_per_epoch)

@@ -269,6 +269,88 @@ TEMPLATES = {
         ("video_understanding", "pointwise"):
             "Question: {prompt}\nAnswer: {response1}\nRate the answer from {lo} to {hi}.",
     },
+    # The released wording (CodeGoat24/UnifiedReward: inference_llava/* for generation pairs, whose
+    # conclusions are our answer strings; inference_qwen/* otherwise), with the scale made a parameter.
+    "paper": {
+        ("image_generation", "pairwise"):
+            "You are given a text caption and two generated images based on that caption. Your task is to evaluate "
+            "and compare these images based on two key criteria:\n1. Alignment with the Caption: Assess how well each "
+            "image aligns with the provided caption. Consider the accuracy of depicted objects, their relationships, "
+            "and attributes as described in the caption.\n2. Overall Image Quality: Examine the visual quality of each "
+            "image, including clarity, detail preservation, color accuracy, and overall aesthetic appeal.\nCompare "
+            "both images using the above criteria and select the one that better aligns with the caption while "
+            "exhibiting superior visual quality.\nProvide a clear conclusion such as \"Image 1 is better than Image "
+            "2.\", \"Image 2 is better than Image 1.\" and \"Both images are equally good.\"\nYour task is provided "
+            "as follows:\nText Caption: [{prompt}]",
+        ("image_generation", "pointwise"):
+            "You are given a text caption and a generated image based on that caption. Your task is to evaluate this "
+            "image based on two key criteria:\n1. Alignment with the Caption: Assess how well this image aligns with "
+            "the provided caption. Consider the accuracy of depicted objects, their relationships, and attributes as "
+            "described in the caption.\n2. Overall Image Quality: Examine the visual quality of this image, including "
+            "clarity, detail preservation, color accuracy, and overall aesthetic appeal.\nBased on the above "
+            "criteria, assign a score from {lo} to {hi} after 'Final Score:'.\nYour task is provided as follows:\n"
+            "Text Caption: [{prompt}]",
+        ("image_understanding", "pairwise"):
+            "You are given an image and a question related to it. Your job is to evaluate the two responses based on "
+            "these five factors:\n\n1. Accuracy of Object Descriptions: Review how accurately the objects are "
+            "described in the responses, ensuring they match those in the ground truth. Be mindful of irrelevant or "
+            "incorrect objects being mentioned.\n\n2. Relationship Between Objects: Check if the response properly "
+            "describes how the objects relate to each other, reflecting their actual positions or interactions, as "
+            "seen in the image.\n\n3. Description of Attributes: Assess how well the response captures the attributes "
+            "(e.g., size, color, shape) of the objects in the image, in line with the ground truth.\n\n4. Helpfulness: "
+            "Consider whether the response offers useful information that enhances the understanding of the image. "
+            "Does it add context or provide extra insights? Also, evaluate whether it follows the instructions given "
+            "in the prompt.\n\n5. Ethical Concerns: Review the response to ensure it avoids sensitive, harmful, or "
+            "inappropriate content. The response should be fair, respect privacy, and be free of bias or offensive "
+            "material.\n\nAfter evaluating both answers, determine which one is better based on these factors and "
+            "clearly state your decision, such as 'Answer 1 is better' or 'Answer 2 is better.'\n\n"
+            "Question: {prompt}\nAnswer 1: {response1}\nAnswer 2: {response2}\n",
+        ("image_understanding", "pointwise"):
+            "You are provided with an image and a question for this image. Please review the corresponding response "
+            "based on the following 5 factors: 1. Accuracy in Object Description 2. Accuracy in Depicting "
+            "Relationships 3. Accuracy in Describing Attributes 4. Helpfulness 5. Ethical Considerations. From {lo} to "
+            "{hi}, how much do you rate for this response in terms of the correct and comprehensive description of "
+            "the image?\nProvide a few lines for explanation and the rate number at last after \"Final Score:\".\n"
+            "Your task is provided as follows:\nQuestion: [{prompt}]\nResponse: [{response1}]\n",
+        ("video_generation", "pairwise"):
+            "Suppose you are an expert in judging and evaluating the quality of AI-generated videos. You are given a "
+            "text caption and the frames of two generated videos based on that caption. Your task is to evaluate and "
+            "compare two videos based on two key criteria:\n1. Alignment with the Caption: Assess how well each video "
+            "aligns with the provided caption. Consider the accuracy of depicted objects, their relationships, and "
+            "attributes as described in the caption.\n2. Overall Video Quality: Examine the visual quality of each "
+            "video, including clarity, detail preservation, color accuracy, and overall aesthetic appeal.\nCompare "
+            "both videos using the above criteria and select the one that better aligns with the caption while "
+            "exhibiting superior visual quality.\nProvide a clear conclusion such as \"Video 1 is better than Video "
+            "2.\", \"Video 2 is better than Video 1.\" and \"Both videos are equally good.\"\nYour task is provided "
+            "as follows:\nText Caption: [{prompt}]",
+        ("video_generation", "pointwise"):
+            "Suppose you are an expert in judging and evaluating the quality of AI-generated videos. You are given a "
+            "text caption and the frames of a generated video based on that caption. Your task is to evaluate this "
+            "videos based on two key criteria:\n1. Alignment with the Caption: Assess how well each video aligns with "
+            "the provided caption. Consider the accuracy of depicted objects, their relationships, and attributes as "
+            "described in the caption.\n2. Overall Video Quality: Examine the visual quality of each video, including "
+            "clarity, detail preservation, color accuracy, and overall aesthetic appeal.\nEvaluate this video using "
+            "the above criteria and assign a score from {lo} to {hi} after 'Final Score:'\nYour task is provided as "
+            "follows:\nText Caption: [{prompt}]",
+        ("video_understanding", "pairwise"):
+            "Please analyze the following video and question, then determine which of the two provided answers is "
+            "better\nQuestion: {prompt}\nAnswer 1: {response1}\nAnswer 2: {response2}\nPlease evaluate both answers "
+            "based on the following criteria:\n1. Accuracy: How well does the answer align with the visual "
+            "information in the video?\n2. Completeness: Does the answer fully address all aspects of the question?\n"
+            "3. Clarity: Is the answer easy to understand and well-articulated?\n4. Relevance: Does the answer "
+            "directly relate to the question and the video?\nAfter your evaluation, please:\n1. Explain your "
+            "reasoning for each criterion.\n2. Provide an overall judgment on which answer is better (Answer 1 or "
+            "Answer 2). For example: \"Overall Judgment: Answer 1 is better than Answer 2.\"\nYour response should "
+            "be structured and detailed, demonstrating your understanding of both the visual and textual elements of "
+            "the task. You have to choose the better of the two answers and can't say that both answers are equally "
+            "good.",
+        ("video_understanding", "pointwise"):
+            "You are provided with a video and a question for this video. Please review the corresponding response "
+            "based on the following 5 factors: 1. Accuracy in Object Description 2. Accuracy in Depicting "
+            "Relationships 3. Accuracy in Describing Attributes 4. Helpfulness 5. Ethical Considerations.\nYou need "
+            "to assign a score from {lo} to {hi} based on the above 5 factors for the response after 'Final Score:'."
+            "\nYour task is provided as follows:\nQuestion: [{prompt}]\nResponse: [{response1}]",
+    },
 }
 
 
@@ -423,18 +505,19 @@ def build_tiny_vlm(corpus, seed: int = 0, sizes: dict = TINY):
     t = head_dim // 2  # M-RoPE splits the rotary half-dims into (temporal, height, width) sections
     config = Qwen2_5_VLConfig(
         text_config=dict(
-            vocab_size=len(tokenizer), hidden_size=s["text_hidden"], intermediate_size=s["text_ffn"],
+            vocab_size=max(len(tokenizer), s.get("model_vocab", 0)), hidden_size=s["text_hidden"],
+            intermediate_size=s["text_ffn"],
             num_hidden_layers=s["text_layers"], num_attention_heads=s["text_heads"],
             num_key_value_heads=s["text_kv_heads"], max_position_embeddings=4096,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+            rope_parameters={"rope_type": "default", "rope_theta": s.get("rope_theta", 10000.0),
                              "mrope_section": [t - 2 * (3 * t // 8), 3 * t // 8, 3 * t // 8]},
             tie_word_embeddings=s["tie"], bos_token_id=None, eos_token_id=ids(END_OF_TURN),
             pad_token_id=tokenizer.pad_token_id),
         vision_config=dict(
             depth=s["vision_depth"], hidden_size=s["vision_hidden"], intermediate_size=s["vision_ffn"],
             num_heads=s["vision_heads"], patch_size=s["patch"], spatial_merge_size=s["merge"],
-            temporal_patch_size=2, window_size=s["image_px"], out_hidden_size=s["text_hidden"],
-            fullatt_block_indexes=list(range(s["vision_depth"]))),
+            temporal_patch_size=2, window_size=s.get("window", s["image_px"]), out_hidden_size=s["text_hidden"],
+            fullatt_block_indexes=s.get("fullatt", list(range(s["vision_depth"])))),
         image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
         vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
         tie_word_embeddings=s["tie"])
