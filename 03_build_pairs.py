@@ -42,11 +42,16 @@ class Config:
     batch_size: int = 16               # sequences per forward pass
     bench: int = 32                    # pairwise judgments timed forward vs generate (0 = skip)
     seed: int = 0                      # sampling seed
-    resume: bool = True                # skip prompts already in candidates.jsonl
+    resume: bool = False               # continue an interrupted run: skip prompts already in candidates.jsonl
 
 
 # ---------------------------------------------------------------------------------------------
 # pair ranking + point sifting, independent of where candidates and scores come from
+
+# Expected scores are floats from batched forward passes: the same answer padded differently scores
+# 1.6944278 once and 1.6944276 the next time. "Strictly higher" means higher by more than that noise,
+# or two copies of one answer would make a pair.
+SCORE_TOLERANCE = 1e-4
 
 def rank_and_sift(n: int, first_wins, score):
     """The paper's selection for one prompt with n candidates.
@@ -68,7 +73,7 @@ def rank_and_sift(n: int, first_wins, score):
         return None, None, chosen_list, rejected_list
     best = max(scored_c, key=lambda t: (t[0], -t[1]))      # highest score, first index on ties
     worst = min(scored_r, key=lambda t: (t[0], t[1]))      # lowest score, first index on ties
-    if not best[0] > worst[0]:                              # the strict filter: numbers, not strings
+    if not best[0] > worst[0] + SCORE_TOLERANCE:            # the strict filter: numbers, not strings
         return None, None, chosen_list, rejected_list
     return best[1], worst[1], chosen_list, rejected_list
 

@@ -34,10 +34,10 @@ class Config:
     loss: str = "sigmoid"                          # sigmoid (DPO) or ipo
     beta: float = 0.1                              # DPO temperature (paper: 0.1 for VLMs)
     label_smoothing: float = 0.0                   # > 0: conservative DPO (assumes this share of labels flipped)
-    epochs: int = 3                                # passes over the pairs
+    epochs: int = 2                                # passes over the pairs
     batch_size: int = 8                            # pairs per micro-batch (chosen + rejected = 2x sequences)
     grad_accum: int = 1                            # micro-batches per optimizer step
-    lr: float = 2e-4                               # peak learning rate (tiny model; ~5e-7 for a 7B policy)
+    lr: float = 5e-5                               # peak learning rate (tiny model; 2e-4 wrecked its answers; ~5e-7 for a 7B policy)
     warmup: int = 10                               # warmup steps, then cosine decay
     clip: float = 1.0                              # gradient-norm clipping
     max_len: int = 2048                            # pairs longer than this are skipped, never truncated

@@ -1,4 +1,5 @@
 """03_build_pairs.py: pair ranking + point sifting, symmetric judging, outputs, resume, bad input."""
+import dataclasses
 import json
 
 import pytest
@@ -24,6 +25,8 @@ def test_rank_and_sift_picks_the_papers_pair():
 def test_strict_filter_and_unusable_verdicts():
     flat = [2.0] * 10
     assert pairs.rank_and_sift(10, lambda i, j: True, lambda i: flat[i])[:2] == (None, None)   # equal: dropped
+    noise = [1.6944278, 1.6944276]          # one answer scored twice with different padding
+    assert pairs.rank_and_sift(2, lambda i, j: True, lambda i: noise[i])[:2] == (None, None)
     assert pairs.rank_and_sift(10, lambda i, j: None, lambda i: float(i))[:2] == (None, None)  # no verdicts
     # a pair without a verdict is left out, never read as "the first one wins"
     ch, rj, cl, rl = pairs.rank_and_sift(4, lambda i, j: None if i == 0 else False, lambda i: float(i))
@@ -88,5 +91,5 @@ def test_resume_and_bad_input(toy, tmp_path):
     assert reasons["one"].startswith("fewer than two") and reasons["empty"].startswith("fewer than two")
     first = (tmp_path / "pairs" / "candidates.jsonl").read_text()
     assert len(first.splitlines()) == 3
-    pairs.main(cfg)                    # resuming: everything is done, nothing is judged twice
+    pairs.main(dataclasses.replace(cfg, resume=True))   # resuming: all done, nothing is judged twice
     assert (tmp_path / "pairs" / "candidates.jsonl").read_text() == first

@@ -196,3 +196,14 @@ def test_benchmarks_run_with_the_same_judge(benches, toy, tmp_path):
     assert results["vlrewardbench"]["n"] == 8 and results["genai-image"]["skipped"] == 1
     assert 0 <= results["videogen"]["tau"] <= 1
     assert "| vlrewardbench | overall |" in (tmp_path / "eval" / "benchmarks.md").read_text()
+
+
+def test_generate_judging_counts_unparsed_verdicts(benches, toy, tmp_path):
+    """The path for judges that reason first: a verdict that cannot be parsed is counted and scored
+    wrong, never read as 'Image 1'. The barely trained test base writes no verdicts at all."""
+    import common as c
+    model, processor = c.load_model(toy / "base"), c.load_processor(toy / "base")
+    cfg = ev.Config(judge="generate", template="short")
+    skips = c.SkipLog(tmp_path / "skipped.jsonl")
+    res = ev.run_benchmark("genai-image", str(benches / "genai_image"), model, processor, cfg, "cpu", skips)
+    assert res["n"] == 4 and res["unparsed"] == 4 and res["tau"] == 0.0 and res["diff"] == 0.0
