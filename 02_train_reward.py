@@ -29,7 +29,7 @@ class Config:
     data_dir: str = "runs/toy/data"   # folder with reward_train.jsonl, reward_test.jsonl and their media
     base: str = "runs/toy/base"       # checkpoint to start from: hub id or local folder (any Qwen2.5-VL)
     out_dir: str = "runs/toy/reward"  # judge checkpoint, log.jsonl, skipped.jsonl
-    template: str = "short"           # judge prompt wording: short (tiny toy model) or paper (released)
+    template: str = "short"           # wording for judging held-out records (both orders): short or paper
     steps: int = 3500                 # optimizer steps (sized so 01 + 02 take about 10 minutes on 2 CPU cores)
     batch_size: int = 8               # examples per micro-batch (8 escaped the plateau sooner in wall time than 16)
     grad_accum: int = 1               # micro-batches per optimizer step
@@ -121,9 +121,6 @@ class Batches:
         self.records, self.processor, self.cfg, self.skips = records, processor, cfg, skips
         self.rng = random.Random(seed)
         self.order, self.pos, self.bad = [], 0, set()
-        self.question = (lambda r: r["question"]) if cfg.template == "short" and all(
-            "question" in r for r in records) else (lambda r: common.render_question(
-                r["task"], r["kind"], r["prompt"], r.get("responses", ()), r.get("scale"), cfg.template))
 
     def state(self) -> dict:
         return {"rng": self.rng.getstate(), "order": self.order, "pos": self.pos, "bad": sorted(self.bad)}
@@ -153,7 +150,8 @@ class Batches:
             r = self.records[i]
             try:
                 media = common.load_media(r["media"], self.cfg.data_dir)
-                e = common.encode(self.processor, media, self.question(r), r["answer"], self.cfg.max_len)
+                # train on the record's own question: rendered by 01 for the toy, verbatim for released data
+                e = common.encode(self.processor, media, r["question"], r["answer"], self.cfg.max_len)
             except (common.MediaError, common.TooLong) as err:
                 self.bad.add(i)
                 self.skips.add(Path(self.cfg.data_dir) / "reward_train.jsonl", r["id"], str(err))

@@ -832,6 +832,10 @@ def judge_records(model, processor, records, data_dir, device, template="short",
     Records whose media cannot be read are skipped and logged in `skips`."""
     usable, media = [], []
     for r in records:
+        if not r.get("prompt"):   # released records whose wording hid the caption/question
+            if skips is not None:
+                skips.add(data_dir, r.get("id"), "no structured prompt: cannot render it in both orders")
+            continue
         try:
             m = load_media(r["media"], data_dir)
         except MediaError as e:

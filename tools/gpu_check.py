@@ -3,6 +3,7 @@ steps of 02 on a few hundred toy records, then 05's judge evaluation on the toy 
 Prints tokens/s, peak GPU memory and any failure. Run on a CUDA machine:
 
     python tools/gpu_check.py --out runs/gpu_check
+    python tools/gpu_check.py --tiny --out runs/gpu_check_tiny     # the same path on CPU, tiny shape
 """
 import argparse
 import importlib
@@ -29,7 +30,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="runs/gpu_check")
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--tiny", action="store_true", help="the tiny toy shape instead: a dry run on CPU")
     a = ap.parse_args()
+    shape = common.TINY if a.tiny else QWEN_3B
     out = Path(a.out)
     prep = importlib.import_module("01_prepare_data")
     train = importlib.import_module("02_train_reward")
@@ -42,28 +45,32 @@ def main():
         data = out / "data"
         records = common.read_jsonl(data / "reward_train.jsonl") + common.read_jsonl(data / "reward_test.jsonl")
         model, processor = common.build_tiny_vlm([r["question"] for r in records] + [r["answer"] for r in records],
-                                                 0, QWEN_3B)
-        # pictures upscaled to 224x224 at least: 64 visual tokens each, a realistic share of the sequence
-        processor.image_processor.size = {"shortest_edge": 224 * 224, "longest_edge": 448 * 448}
-        model.to(torch.bfloat16).save_pretrained(out / "base3b")
+                                                 0, shape)
+        if not a.tiny:   # pictures upscaled to 224x224 at least: 64 visual tokens each, a realistic share
+            processor.image_processor.size = {"shortest_edge": 224 * 224, "longest_edge": 448 * 448}
+            model.to(torch.bfloat16)
+        model.save_pretrained(out / "base3b")
         processor.save_pretrained(out / "base3b")
         report["params_b"] = round(sum(p.numel() for p in model.parameters()) / 1e9, 2)
         del model
         report["setup_s"] = round(time.time() - t, 1)
-        torch.cuda.reset_peak_memory_stats()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
         t = time.time()
         train.main(train.Config(data_dir=str(data), base=str(out / "base3b"), out_dir=str(out / "reward"),
                                 steps=a.steps, batch_size=4, grad_accum=2, lr=1e-5, warmup=2, eval_every=a.steps,
                                 eval_size=4))
         log = [json.loads(l) for l in (out / "reward" / "log.jsonl").read_text().splitlines()]
         report.update(train_s=round(time.time() - t, 1), tokens_per_s=log[-1]["tokens_per_s"],
-                      peak_gpu_gb_train=log[-1]["peak_gpu_gb"], loss_first_last=[log[0]["loss"], log[-1]["loss"]])
-        torch.cuda.reset_peak_memory_stats()
+                      peak_gpu_gb_train=log[-1]["peak_gpu_gb"], loss_last_step=log[-1]["loss"])
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
         t = time.time()
         res = ev.main(ev.Config(data_dir=str(data), reward=str(out / "reward"), policy="", pairs_dir="",
                                 out_dir=str(out / "eval")))
         report.update(eval_s=round(time.time() - t, 1), judge_tasks=len(res["judge"]),
-                      peak_gpu_gb_eval=round(torch.cuda.max_memory_allocated() / 2**30, 2))
+                      peak_gpu_gb_eval=round(torch.cuda.max_memory_allocated() / 2**30, 2)
+                      if torch.cuda.is_available() else None)
     except Exception:
         report["failure"] = traceback.format_exc()
     print(json.dumps(report, indent=1))
