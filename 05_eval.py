@@ -74,14 +74,8 @@ def pairwise_metrics(p_ab, p_ba, labels) -> dict:
     p_ab, p_ba = np.asarray(p_ab, float), np.asarray(p_ba, float)
     back = p_ba[:, [1, 0, 2]]                        # swapped-order probabilities in the original order
     avg = (p_ab + back) / 2
-    labels = np.asarray(labels)
-    strict = labels != 0
-    forced = np.where(avg[:, 0] >= avg[:, 1], 1, 2)
-    with_tie = np.array([common.pairwise_verdict(p) for p in avg])
     consistent = np.where(p_ab[:, 0] >= p_ab[:, 1], 1, 2) == np.where(back[:, 0] >= back[:, 1], 1, 2)
-    return {"diff": float((forced[strict] == labels[strict]).mean()) if strict.any() else float("nan"),
-            "tau": float((with_tie == labels).mean()), "consistency": float(consistent.mean()),
-            "n": int(len(labels)), "ties": int((~strict).sum())}
+    return {**common.pair_accuracy(avg.tolist(), list(labels)), "consistency": float(consistent.mean())}
 
 
 def pointwise_metrics(expected, best, truth) -> dict:
@@ -293,18 +287,17 @@ def benchmark_metrics(name, preds) -> dict:
     """VL-RewardBench: accuracy per group, Overall (correct / all) and Macro (mean of the groups).
     Generation benchmarks: tau (ties count, right only when the judge says tie) and diff (non-tie
     pairs, forced choice). An unparsed verdict (p all zero) is wrong in every metric."""
-    right = lambda p, ties: (sum(p["p"]) > 0) and common.pairwise_verdict(p["p"], ties) == p["label"]
-    if name == "vlrewardbench":
+    if name == "vlrewardbench":   # no ties there: every accuracy is the forced-choice one (diff)
         groups = {}
         for p in preds:
-            groups.setdefault(p["group"], []).append(right(p, False))
-        acc = {g: sum(v) / len(v) for g, v in sorted(groups.items())}
-        return {"overall": sum(right(p, False) for p in preds) / max(1, len(preds)),
+            groups.setdefault(p["group"], []).append(p)
+        acc = {g: common.pair_accuracy([p["p"] for p in v], [p["label"] for p in v])["diff"]
+               for g, v in sorted(groups.items())}
+        return {"overall": common.pair_accuracy([p["p"] for p in preds], [p["label"] for p in preds])["diff"],
                 "macro": sum(acc.values()) / max(1, len(acc)), "groups": acc,
                 "group_sizes": {g: len(v) for g, v in groups.items()}}
-    strict = [p for p in preds if p["label"] != 0]
-    return {"tau": sum(right(p, True) for p in preds) / max(1, len(preds)),
-            "diff": sum(right(p, False) for p in strict) / max(1, len(strict)), "ties": len(preds) - len(strict)}
+    a = common.pair_accuracy([p["p"] for p in preds], [p["label"] for p in preds])
+    return {"tau": a["tau"], "diff": a["diff"], "ties": a["ties"]}
 
 
 def benchmarks_markdown(results: dict) -> str:

@@ -868,21 +868,29 @@ def pairwise_verdict(p, ties: bool = True) -> int:
     return options[max(range(len(options)), key=lambda k: p[k])]
 
 
+def pair_accuracy(probs, labels) -> dict:
+    """The two pairwise accuracies every benchmark reports, from [P(first), P(second), P(tie)] rows:
+    diff = forced-choice accuracy on pairs that are not ties (nan when there are none);
+    tau  = accuracy on all pairs where the judge may answer tie (right only on true ties).
+    A row of zeros (an unparsed verdict) is wrong in both."""
+    right = lambda p, lab, ties: sum(p) > 0 and pairwise_verdict(p, ties) == lab
+    strict = [(p, lab) for p, lab in zip(probs, labels) if lab != 0]
+    return {"diff": sum(right(p, lab, False) for p, lab in strict) / len(strict) if strict else float("nan"),
+            "tau": sum(right(p, lab, True) for p, lab in zip(probs, labels)) / max(1, len(labels)),
+            "n": len(labels), "ties": len(labels) - len(strict)}
+
+
 def judge_metrics(preds: list[dict]) -> dict:
-    """Per task, from judge_records' output:
-    pairwise  diff = forced-choice accuracy on pairs that are not ties;
-              tau  = accuracy on all pairs where the judge may answer tie (right only on true ties);
-    pointwise exact = share of records whose most likely score equals the true score."""
+    """Per task, from judge_records' output: pairwise diff and tau (pair_accuracy), pointwise exact =
+    share of records whose most likely score equals the true score."""
     out = {}
     for task in TASKS:
         pair = [p for p in preds if p["task"] == task and p["kind"] == "pairwise"]
         point = [p for p in preds if p["task"] == task and p["kind"] == "pointwise"]
         m = {}
         if pair:
-            strict = [p for p in pair if p["label"] != 0]
-            m["pair_diff"] = sum(pairwise_verdict(p["p"], False) == p["label"] for p in strict) / max(1, len(strict))
-            m["pair_tau"] = sum(pairwise_verdict(p["p"]) == p["label"] for p in pair) / len(pair)
-            m["pair_n"], m["pair_ties"] = len(pair), len(pair) - len(strict)
+            a = pair_accuracy([p["p"] for p in pair], [p["label"] for p in pair])
+            m.update(pair_diff=a["diff"], pair_tau=a["tau"], pair_n=a["n"], pair_ties=a["ties"])
         if point:
             m["point_exact"] = sum(p["score"] == p["truth"] for p in point) / len(point)
             m["point_n"] = len(point)
