@@ -1,0 +1,55 @@
+"""The base-model probe (tools/probe_base.py): its questions and its scoring."""
+import subprocess
+import sys
+
+from conftest import ROOT, stage
+
+
+def probe():
+    sys.path.insert(0, str(ROOT / "tools"))
+    return stage("probe_base")
+
+
+def test_probe_items_ask_every_attribute_and_want_both_answers():
+    pb = probe()
+    items = pb.probe_items(24, seed=0)
+    checks = [it for it in items if it["kind"] == "check"]
+    describes = [it for it in items if it["kind"] == "describe"]
+    assert len(checks) == len(describes) == 24
+    for medium in ("image", "video"):
+        asked = {it["attr"] for it in checks if it["medium"] == medium}
+        assert asked == set(pb.prep.attrs_of(medium))
+    assert {it["truth"] for it in checks} == {"yes", "no"}
+    # a "yes" check names the scene's own value, a "no" check another one
+    for d, c in zip(describes, checks):
+        value = d["truth"][c["attr"]]
+        assert (f" {value}?" in c["question"]) == (c["truth"] == "yes")
+    assert pb.probe_items(24, seed=0)[1]["question"] == items[1]["question"]   # seeded
+
+
+def test_probe_score_counts_right_answers_per_attribute():
+    pb = probe()
+    items = pb.probe_items(12, seed=1)
+    perfect = [pb.prep.description(it["medium"], it["truth"]) if it["kind"] == "describe" else it["truth"]
+               for it in items]
+    assert set(pb.score(items, perfect).values()) == {1.0}
+    always_yes = ["yes" if it["kind"] == "check" else "a square" for it in items]
+    acc = pb.score(items, always_yes)
+    for (medium, attr, kind), a in acc.items():
+        if kind == "describe":
+            assert a == 0.0
+        else:
+            wanted = [it["truth"] == "yes" for it in items if it["kind"] == "check" and it["medium"] == medium
+                      and it["attr"] == attr]
+            assert a == sum(wanted) / len(wanted)
+    # whole words only: "left" is not found in "leftward"
+    one = [{"medium": "video", "attr": None, "kind": "describe", "truth": {"direction": "left"}}]
+    assert pb.score(one, ["a square moving leftward"])[("video", "direction", "describe")] == 0.0
+
+
+def test_probe_runs_on_a_checkpoint(toy):
+    out = subprocess.run([sys.executable, str(ROOT / "tools/probe_base.py"), "--model", str(toy / "base"),
+                          "--n", "6"], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| ")]
+    assert len(rows) == 7   # header + 3 image + 3 video attributes
