@@ -169,13 +169,14 @@ class Batches:
 
 def format_table(metrics: dict, control: dict | None = None) -> str:
     """Held-out judge accuracy per task, as a markdown table."""
-    lines = ["| task | pairwise acc (no ties) | with ties (tau) | pointwise exact |"
+    lines = ["| task | pairwise acc (no ties) | with ties (tau) | pointwise exact | pointwise Spearman |"
              + (" no-pixels pair / point |" if control else ""),
-             "|---|---|---|---|" + ("---|" if control else "")]
+             "|---|---|---|---|---|" + ("---|" if control else "")]
     pct = lambda x: f"{100 * x:.1f}%" if x is not None else "-"
     for task, m in metrics.items():
         row = f"| {task} | {pct(m.get('pair_diff'))} (n={m.get('pair_n', 0) - m.get('pair_ties', 0)}) | " \
-              f"{pct(m.get('pair_tau'))} ({m.get('pair_ties', 0)} ties) | {pct(m.get('point_exact'))} (n={m.get('point_n', 0)}) |"
+              f"{pct(m.get('pair_tau'))} ({m.get('pair_ties', 0)} ties) | {pct(m.get('point_exact'))} (n={m.get('point_n', 0)}) | " \
+              f"{m.get('point_spearman', float('nan')):.2f} |"
         if control:
             c = control.get(task, {})
             row += f" {pct(c.get('pair_single'))} / {pct(c.get('point_exact'))} |"
@@ -280,7 +281,8 @@ def main(cfg: Config) -> dict:
             common.append_jsonl(out / "log.jsonl", row)
             bar.write(f"step {step}: " + ", ".join(
                 f"{t.split('_')[0][:3]}-{t.split('_')[1][:3]} pair {m.get('pair_diff', float('nan')):.2f} "
-                f"point {m.get('point_exact', float('nan')):.2f}" for t, m in metrics.items()))
+                f"point {m.get('point_exact', float('nan')):.2f} rho {m.get('point_spearman', float('nan')):.2f}"
+                for t, m in metrics.items()))
             checkpoint()
     bar.close()
 

@@ -42,22 +42,6 @@ class Config:
 # ---------------------------------------------------------------------------------------------
 # metrics (pure functions of predictions, tested on hand-made values)
 
-def spearman(x, y) -> float:
-    """Spearman rank correlation with average ranks for ties; nan when either side is constant."""
-    def ranks(v):
-        v = np.asarray(v, dtype=float)
-        order = v.argsort(kind="stable")
-        r = np.empty(len(v))
-        r[order] = np.arange(len(v))
-        for value in np.unique(v):            # ties share their average rank
-            r[v == value] = r[v == value].mean()
-        return r
-    rx, ry = ranks(x), ranks(y)
-    if rx.std() == 0 or ry.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(rx, ry)[0, 1])
-
-
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     """95% Wilson score interval for k successes out of n."""
     if n == 0:
@@ -80,7 +64,7 @@ def pairwise_metrics(p_ab, p_ba, labels) -> dict:
 
 def pointwise_metrics(expected, best, truth) -> dict:
     truth = np.asarray(truth, float)
-    return {"exact": float((np.asarray(best, float) == truth).mean()), "spearman": spearman(expected, truth),
+    return {"exact": float((np.asarray(best, float) == truth).mean()), "spearman": common.spearman(expected, truth),
             "n": int(len(truth))}
 
 

@@ -880,9 +880,27 @@ def pair_accuracy(probs, labels) -> dict:
             "n": len(labels), "ties": len(labels) - len(strict)}
 
 
+def spearman(x, y) -> float:
+    """Spearman rank correlation with average ranks for ties; nan when either side is constant."""
+    def ranks(v):
+        v = np.asarray(v, dtype=float)
+        order = v.argsort(kind="stable")
+        r = np.empty(len(v))
+        r[order] = np.arange(len(v))
+        for value in np.unique(v):            # ties share their average rank
+            r[v == value] = r[v == value].mean()
+        return r
+    rx, ry = ranks(x), ranks(y)
+    if rx.std() == 0 or ry.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
 def judge_metrics(preds: list[dict]) -> dict:
-    """Per task, from judge_records' output: pairwise diff and tau (pair_accuracy), pointwise exact =
-    share of records whose most likely score equals the true score."""
+    """Per task, from judge_records' output: pairwise diff and tau (pair_accuracy); pointwise exact =
+    share of records whose most likely score equals the true score, and the Spearman correlation of the
+    expected score with the truth, which shows a judge that has learned part of a score (one of two
+    attributes, say) while its exact accuracy still sits at the majority share."""
     out = {}
     for task in TASKS:
         pair = [p for p in preds if p["task"] == task and p["kind"] == "pairwise"]
@@ -893,6 +911,7 @@ def judge_metrics(preds: list[dict]) -> dict:
             m.update(pair_diff=a["diff"], pair_tau=a["tau"], pair_n=a["n"], pair_ties=a["ties"])
         if point:
             m["point_exact"] = sum(p["score"] == p["truth"] for p in point) / len(point)
+            m["point_spearman"] = spearman([p["expected"] for p in point], [p["truth"] for p in point])
             m["point_n"] = len(point)
         if m:
             out[task] = m

@@ -195,3 +195,15 @@ def test_parse_config_reads_comments_and_flags():
     c = common.parse_config(C, ["--lr", "0.5", "--resume", "--name", "b"])
     assert (c.lr, c.resume, c.name) == (0.5, True, "b")
     assert common._field_comments(C)["lr"] == "peak learning rate"
+
+
+def test_judge_metrics_spearman_sees_a_half_learned_score():
+    # a judge that knows one of two attributes: expected 2 / 3 / 4 for true 1 / 3 / 5, most likely score
+    # always 3 -> exact accuracy is the majority share, the Spearman correlation is 1
+    truths = [1, 3, 3, 5]
+    preds = [{"task": "image_generation", "kind": "pointwise", "expected": e, "score": 3, "truth": t}
+             for e, t in zip([2.0, 3.0, 3.0, 4.0], truths)]
+    m = common.judge_metrics(preds)["image_generation"]
+    assert m["point_exact"] == 0.5 and m["point_spearman"] == pytest.approx(1.0) and m["point_n"] == 4
+    shuffled = [dict(p, expected=e) for p, e in zip(preds, [4.0, 3.0, 3.0, 2.0])]
+    assert common.judge_metrics(shuffled)["image_generation"]["point_spearman"] == pytest.approx(-1.0)
