@@ -40,12 +40,18 @@ END_OF_TURN = "<|im_end|>"  # Qwen's chat format closes every turn with this tok
 
 def _field_comments(cls) -> dict[str, str]:
     """Map each dataclass field to the comment written after it, so `--help` shows the comments."""
-    comments = {}
+    comments, last = {}, None
     for line in textwrap.dedent(inspect.getsource(cls)).splitlines():
         m = re.match(r"\s*(\w+)\s*:[^=]*=.*?#\s*(.*)$", line)
+        more = re.match(r"\s*#\s*(.*)$", line)
         if m:
-            comments[m.group(1)] = m.group(2)
-    return comments
+            last = m.group(1)
+            comments[last] = m.group(2)
+        elif more and last:                      # a comment continued on the next lines
+            comments[last] += " " + more.group(1)
+        else:
+            last = None
+    return {k: v.replace("%", "%%") for k, v in comments.items()}   # argparse formats help with %
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -460,7 +466,7 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start
 # fewer pixels per frame than images): 8 frames = 4 temporal patches of 2x2 merged tokens = 16 tokens,
 # which made video steps 2.6x faster than at 64x64. Token embeddings start at std 0.3 rather than 0.02
 # so that a text token is not drowned by visual tokens (whose norm is ~25x larger at init).
-TINY = dict(text_hidden=128, text_layers=2, text_heads=4, text_kv_heads=2, text_ffn=512,
+TINY = dict(text_hidden=128, text_layers=4, text_heads=4, text_kv_heads=2, text_ffn=512,
             vision_hidden=64, vision_depth=2, vision_heads=4, vision_ffn=256,
             patch=8, merge=2, image_px=64, video_px=32, vocab=512, tie=True, embed_std=0.3)
 

@@ -207,3 +207,19 @@ def test_judge_metrics_spearman_sees_a_half_learned_score():
     assert m["point_exact"] == 0.5 and m["point_spearman"] == pytest.approx(1.0) and m["point_n"] == 4
     shuffled = [dict(p, expected=e) for p, e in zip(preds, [4.0, 3.0, 3.0, 2.0])]
     assert common.judge_metrics(shuffled)["image_generation"]["point_spearman"] == pytest.approx(-1.0)
+
+
+def test_config_help_keeps_continued_comments_and_percent_signs(capsys):
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Cfg:
+        lr: float = 3e-4   # reaches 96% at
+                           # this rate
+        steps: int = 5     # optimizer steps
+
+    assert common._field_comments(Cfg) == {"lr": "reaches 96%% at this rate", "steps": "optimizer steps"}
+    with pytest.raises(SystemExit):
+        common.parse_config(Cfg, ["--help"])
+    assert "reaches 96% at this rate" in " ".join(capsys.readouterr().out.split())
+    assert common.parse_config(Cfg, ["--steps", "7"]) == Cfg(lr=3e-4, steps=7)
