@@ -35,7 +35,7 @@ import common
 # because wrong attribute values are drawn uniformly, so right and wrong answers look alike.
 
 COLOURS = {"red": (220, 50, 50), "green": (60, 190, 70), "blue": (60, 100, 235), "yellow": (230, 210, 50)}
-POSITIONS = ("top left", "top right", "bottom left", "bottom right")
+POSITIONS = ("top", "bottom", "left", "right")   # which edge of the picture the square sits by
 SIZES = {"small": 12, "large": 24}           # side of the square in pixels (clips: see VIDEO_SIZES)
 VIDEO_SIZES = {"small": 10, "large": 18}
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
@@ -99,13 +99,15 @@ def _apply_defect(frames: np.ndarray, defect: str | None, rng) -> np.ndarray:
 
 
 def render_image(scene: dict, defect: str | None, rng) -> np.ndarray:
-    """(64, 64, 3) uint8: the square in its quadrant, jittered so no two renderings are identical."""
+    """(64, 64, 3) uint8: the square by its edge, centred along it and jittered so no two renderings are
+    identical. Positions are one word ("at the top", "on the left"): with quadrants ("top left") the
+    base's position checks stayed at 42-62% where one-word positions reached 80%+ (README)."""
     img = BACKGROUND.copy()
     side = SIZES[scene["size"]]
-    row, col = POSITIONS.index(scene["position"]) // 2, POSITIONS.index(scene["position"]) % 2
-    slack = PX // 2 - side                                   # room left inside the quadrant
-    y = row * PX // 2 + slack // 2 + int(rng.integers(-(slack // 2) + 1, slack // 2))
-    x = col * PX // 2 + slack // 2 + int(rng.integers(-(slack // 2) + 1, slack // 2))
+    along = PX // 2 - side // 2 + int(rng.integers(-8, 9))   # offset along the edge
+    near = int(rng.integers(2, 7))                            # gap to the edge
+    far = PX - side - near
+    y, x = {"top": (near, along), "bottom": (far, along), "left": (along, near), "right": (along, far)}[scene["position"]]
     img[y:y + side, x:x + side] = COLOURS[scene["colour"]]
     return _apply_defect(img[None], defect, rng)[0]
 
@@ -136,17 +138,21 @@ def render(medium: str, scene: dict, defect: str | None, rng) -> np.ndarray:
     return render_image(scene, defect, rng) if medium == "image" else render_video(scene, defect, rng)
 
 
+def where(position: str) -> str:
+    return f"at the {position}" if position in ("top", "bottom") else f"on the {position}"
+
+
 def caption(medium: str, scene: dict) -> str:
-    """Generation prompt, e.g. 'a red square at the top left' / 'a red square moving left'."""
+    """Generation prompt, e.g. 'a red square at the top' / 'a red square moving left'."""
     if medium == "image":
-        return f"a {scene['colour']} square at the {scene['position']}"
+        return f"a {scene['colour']} square {where(scene['position'])}"
     return f"a {scene['colour']} square moving {scene['direction']}"
 
 
 def description(medium: str, scene: dict) -> str:
     """Full description with every attribute (the base model's captioning target)."""
     if medium == "image":
-        return f"a {scene['size']} {scene['colour']} square at the {scene['position']}"
+        return f"a {scene['size']} {scene['colour']} square {where(scene['position'])}"
     return f"a {scene['size']} {scene['colour']} square moving {scene['direction']}"
 
 
@@ -359,7 +365,11 @@ def write_gen_candidates(n: int, n_cand: int, rng, writer: MediaWriter) -> list[
 def base_example(rng, qa_share: float, verify_share: float, defect_share: float = 0.3):
     """One pretraining example: (medium kind, pixels, question, answer, words it shows).
     Three kinds, as a generic VLM is trained on: descriptions (naming quality defects too, "..., noisy"),
-    the two-attribute questions the policy will face, and yes/no checks of one attribute."""
+    the two-attribute questions the policy will face, and yes/no checks, half of one attribute ("Is the
+    square red?"), half of a whole caption ("Is it a red square at the top?": yes only when both named
+    attributes are right). Measured: with caption checks the base checks two attributes at once (94%)
+    and a judge learns two-attribute scores from it (see the README); with one-attribute checks only,
+    judges learned one of the two attributes and stalled."""
     medium = "image" if rng.random() < 0.5 else "video"
     scene = sample_scene(medium, rng)
     defect = str(rng.choice(DEFECTS)) if rng.random() < defect_share else None
@@ -370,17 +380,27 @@ def base_example(rng, qa_share: float, verify_share: float, defect_share: float 
         question, asked = question_for(medium, rng)
         return medium, pixels, question, answer_text(scene, asked), shown
     if u < qa_share + verify_share:
+        if rng.random() < 0.5:
+            attrs = CAPTION_ATTRS[medium]
+            miss = [bool(rng.random() < 0.3) for _ in attrs]   # about half the answers are "yes"
+            named = perturb(scene, attrs, miss, medium, rng)
+            return medium, pixels, f"Is it {caption(medium, named)}?", "no" if any(miss) else "yes", shown
         attr = str(rng.choice(list(attrs_of(medium))))
         yes = bool(rng.random() < 0.5)
         value = scene[attr] if yes else str(rng.choice([v for v in attrs_of(medium)[attr] if v != scene[attr]]))
-        return medium, pixels, VERIFY[attr].format(value), "yes" if yes else "no", shown
+        return medium, pixels, check_question(attr, value), "yes" if yes else "no", shown
     text = description(medium, scene) + (f", {DEFECT_WORDS[defect]}" if defect else "")
     return medium, pixels, DESCRIBE[medium], text, shown
 
 
 DEFECT_WORDS = {"noise": "noisy", "blur": "blurry"}
-VERIFY = {"colour": "Is the square {}?", "position": "Is the square at the {}?", "size": "Is the square {}?",
+VERIFY = {"colour": "Is the square {}?", "position": "Is the square {}?", "size": "Is the square {}?",
           "direction": "Does the square move {}?"}
+
+
+def check_question(attr: str, value: str) -> str:
+    """A yes/no check of one attribute: 'Is the square red?', 'Is the square on the left?'."""
+    return VERIFY[attr].format(where(value) if attr == "position" else value)
 
 
 DESCRIBE = {"image": "Describe the picture.", "video": "Describe the video."}
@@ -396,8 +416,9 @@ def toy_corpus(records, prompts, gen_rows) -> list[str]:
     texts = [r["question"] for r in records] + [r["answer"] for r in records]
     texts += [p["question"] for p in prompts] + [p["answer"] for p in prompts] + [g["prompt"] for g in gen_rows]
     texts += list(DESCRIBE.values()) + [f", {w}" for w in DEFECT_WORDS.values()] + ["yes", "no"]
-    texts += [q.format(v) for medium in ("image", "video") for a, vals in attrs_of(medium).items()
-              for v in vals for q in [VERIFY[a]]]
+    texts += [f"Is it {caption('image', {'colour': c, 'position': p})}?" for c in COLOURS for p in POSITIONS]
+    texts += [check_question(a, v) for medium in ("image", "video") for a, vals in attrs_of(medium).items()
+              for v in vals]
     for medium in ("image", "video"):
         for colour in COLOURS:
             scene = {**{a: v[0] for a, v in attrs_of(medium).items()}, "colour": colour}
@@ -428,7 +449,7 @@ class VisualTokens:
 
 def grounding_targets(processor, shown_in_order) -> tuple[list[int], torch.Tensor]:
     """Multi-hot targets over the attribute words for each medium: (attribute token ids, (n, K) 0/1).
-    shown_in_order: per medium, the words it shows ("red top left small noisy")."""
+    shown_in_order: per medium, the words it shows ("red top small noisy")."""
     words = sorted({w for attrs in (IMAGE_ATTRS, VIDEO_ATTRS) for vals in attrs.values() for v in vals
                     for w in v.split()} | set(DEFECT_WORDS.values()))
     ids = []
@@ -675,13 +696,14 @@ class Config:
     policy_test: int = 200           # held-out understanding questions per medium for stage 05
     gen_prompts: int = 60            # generation prompts per medium with candidates for stage 03
     gen_candidates: int = 10         # candidates per generation prompt (the paper samples N=10)
-    base_steps: int = 1500           # pretraining steps of the tiny base model (0 = skip building it)
+    base_steps: int = 2000           # pretraining steps of the tiny base model (0 = skip building it)
     base_batch: int = 16             # pretraining batch size
     base_lr: float = 1e-3            # pretraining peak learning rate
     base_qa_share: float = 0.03      # share of two-attribute questions (the policy's task): kept small so
-                                     # the base answers them imperfectly (~45% right) and DPO has work to do
-    base_verify_share: float = 0.25  # share of yes/no attribute checks (the rest is description)
-    text_layers: int = 2             # language-model layers of the tiny model
+                                     # the base answers them imperfectly (76-84% right) and DPO has work to do
+    base_verify_share: float = 0.6   # share of yes/no checks (the rest is description): checking a word
+                                     # against the pixels is what a judge needs and what plateaus
+    text_layers: int = 4             # language-model layers of the tiny model (4 checked colour reliably, 2 not)
     base_ground: float = 1.0         # weight of the grounding loss on visual tokens (see pretrain_base)
 
 

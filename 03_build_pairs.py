@@ -149,7 +149,7 @@ def judge_prompt(judge, task, prompt, media, answers, cfg):
 # ground truth of the toy world, for pair precision
 
 def n_right(answer: str, prompt_row: dict) -> int | None:
-    """How many asked attributes a policy answer gets right ("red, top left"); None without truth."""
+    """How many asked attributes a policy answer gets right ("red, top"); None without truth."""
     if "scene" not in prompt_row:
         return None
     values = [v.strip() for v in answer.split(",")]

@@ -46,7 +46,7 @@ def probe_items(n: int, seed: int) -> list[dict]:
         yes = bool(rng.random() < 0.5)
         value = scene[attr] if yes else str(rng.choice([v for v in attrs[attr] if v != scene[attr]]))
         items.append({"medium": medium, "attr": attr, "kind": "check", "media": media,
-                      "question": prep.VERIFY[attr].format(value), "truth": "yes" if yes else "no"})
+                      "question": prep.check_question(attr, value), "truth": "yes" if yes else "no"})
     return items
 
 
