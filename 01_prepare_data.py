@@ -384,7 +384,7 @@ def base_example(rng, qa_share: float, verify_share: float, defect_share: float 
             attrs = CAPTION_ATTRS[medium]
             miss = [bool(rng.random() < 0.3) for _ in attrs]   # about half the answers are "yes"
             named = perturb(scene, attrs, miss, medium, rng)
-            return medium, pixels, f"Is it {caption(medium, named)}?", "no" if any(miss) else "yes", shown
+            return medium, pixels, caption_question(medium, named), "no" if any(miss) else "yes", shown
         attr = str(rng.choice(list(attrs_of(medium))))
         yes = bool(rng.random() < 0.5)
         value = scene[attr] if yes else str(rng.choice([v for v in attrs_of(medium)[attr] if v != scene[attr]]))
@@ -403,6 +403,11 @@ def check_question(attr: str, value: str) -> str:
     return VERIFY[attr].format(where(value) if attr == "position" else value)
 
 
+def caption_question(medium: str, scene: dict) -> str:
+    """A yes/no check of a whole caption: 'Is it a red square at the top?'."""
+    return f"Is it {caption(medium, scene)}?"
+
+
 DESCRIBE = {"image": "Describe the picture.", "video": "Describe the video."}
 
 
@@ -416,7 +421,7 @@ def toy_corpus(records, prompts, gen_rows) -> list[str]:
     texts = [r["question"] for r in records] + [r["answer"] for r in records]
     texts += [p["question"] for p in prompts] + [p["answer"] for p in prompts] + [g["prompt"] for g in gen_rows]
     texts += list(DESCRIBE.values()) + [f", {w}" for w in DEFECT_WORDS.values()] + ["yes", "no"]
-    texts += [f"Is it {caption('image', {'colour': c, 'position': p})}?" for c in COLOURS for p in POSITIONS]
+    texts += [caption_question("image", {"colour": c, "position": p}) for c in COLOURS for p in POSITIONS]
     texts += [check_question(a, v) for medium in ("image", "video") for a, vals in attrs_of(medium).items()
               for v in vals]
     for medium in ("image", "video"):
