@@ -39,6 +39,9 @@ class Config:
     weight_decay: float = 0.0         # AdamW weight decay (0.1 slowed the tiny model down)
     clip: float = 1.0                 # gradient-norm clipping
     bt_weight: float = 0.0            # weight of an extra Bradley-Terry term on pairwise verdicts (0 = off)
+    train_vision: bool = True         # also fine-tune the vision tower (False: freeze it, as LLaMA-Factory does by default)
+    cache: bool = True                # keep every encoded example in memory after its first use (the toy set
+                                      # takes ~1 GB; turn off for large real sets)
     max_len: int = 2048               # longest example in tokens; longer ones are skipped, never truncated
     eval_every: int = 500             # steps between held-out evaluations (and checkpoints)
     eval_size: int = 64               # test records per task and kind in periodic evals (0 = all)
@@ -122,6 +125,7 @@ class Batches:
         self.records, self.processor, self.cfg, self.skips = records, processor, cfg, skips
         self.rng = random.Random(seed)
         self.order, self.pos, self.bad = [], 0, set()
+        self.cache: dict[int, tuple] = {}   # record index -> (encoded example, decisive position)
 
     def state(self) -> dict:
         return {"rng": self.rng.getstate(), "order": self.order, "pos": self.pos, "bad": sorted(self.bad)}
@@ -141,6 +145,23 @@ class Batches:
             if i not in self.bad:
                 return i
 
+    def _encoded(self, i: int) -> tuple[dict, tuple | None]:
+        """(encoded example, decisive (position, right token, wrong token) or None) of record i.
+        Decoding and processing media costs about a third of a toy training step, so with `cache` it
+        is done once per record. Raises MediaError or TooLong."""
+        if i in self.cache:
+            return self.cache[i]
+        r = self.records[i]
+        media = common.load_media(r["media"], self.cfg.data_dir)
+        # train on the record's own question: rendered by 01 for the toy, verbatim for released data
+        e = common.encode(self.processor, media, r["question"], r["answer"], self.cfg.max_len)
+        d = decisive_tokens(self.processor.tokenizer, r)
+        prompt_len = int((~e["answer_mask"]).sum())
+        entry = (e, None if d is None else (prompt_len + d[0] - 1, d[1], d[2]))
+        if self.cfg.cache:
+            self.cache[i] = entry
+        return entry
+
     def next(self):
         """-> (collated batch, kinds (B,), decisive (B,))"""
         encs, kinds, decisive = [], [], []
@@ -148,20 +169,15 @@ class Batches:
             if len(self.bad) == len(self.records):
                 raise RuntimeError(f"every training record was skipped; see {self.skips.path}")
             i = self._next_record()
-            r = self.records[i]
             try:
-                media = common.load_media(r["media"], self.cfg.data_dir)
-                # train on the record's own question: rendered by 01 for the toy, verbatim for released data
-                e = common.encode(self.processor, media, r["question"], r["answer"], self.cfg.max_len)
+                e, d = self._encoded(i)
             except (common.MediaError, common.TooLong) as err:
                 self.bad.add(i)
-                self.skips.add(Path(self.cfg.data_dir) / "reward_train.jsonl", r["id"], str(err))
+                self.skips.add(Path(self.cfg.data_dir) / "reward_train.jsonl", self.records[i]["id"], str(err))
                 continue
-            d = decisive_tokens(self.processor.tokenizer, r)
-            prompt_len = int((~e["answer_mask"]).sum())
-            decisive.append(None if d is None else (prompt_len + d[0] - 1, d[1], d[2]))
             encs.append(e)
-            kinds.append(r["kind"])
+            kinds.append(self.records[i]["kind"])
+            decisive.append(d)
         return common.collate(encs, self.processor.tokenizer.pad_token_id), kinds, decisive
 
 
@@ -224,7 +240,10 @@ def main(cfg: Config) -> dict:
     model = common.load_model(start, device)
     processor = common.load_processor(start)
     model.config.use_cache = False
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if not cfg.train_vision:
+        model.model.visual.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     batches = Batches(train, processor, cfg, skips, cfg.seed)
     step = 0
     if start == out:
@@ -267,7 +286,7 @@ def main(cfg: Config) -> dict:
             tokens += int(batch["attention_mask"].sum())
             for k, v in {"loss": loss.item(), **stats}.items():
                 stats_sum[k] = stats_sum.get(k, 0.0) + v / cfg.grad_accum
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+        torch.nn.utils.clip_grad_norm_(params, cfg.clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1

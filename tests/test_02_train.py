@@ -166,3 +166,27 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(toy, tmp_path, monkeypatch):
     assert state["step"] == 2
     model = common.load_model(tmp_path / "reward")
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_cached_batches_equal_fresh_ones(toy, tmp_path):
+    recs = common.read_jsonl(toy / "data" / "reward_train.jsonl")[:6]
+    data = small_data(toy, tmp_path, recs)
+    processor = common.load_processor(toy / "base")
+    skips = common.SkipLog(tmp_path / "skipped.jsonl")
+    cached = train.Batches(recs, processor, config(toy, tmp_path, data, batch_size=4), skips, seed=0)
+    fresh = train.Batches(recs, processor, config(toy, tmp_path, data, batch_size=4, cache=False), skips, seed=0)
+    for _ in range(4):                            # 16 draws from 6 records: later batches come from the cache
+        (a, ka, da), (b, kb, db) = cached.next(), fresh.next()
+        assert ka == kb and da == db and a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert len(cached.cache) == 6 and not fresh.cache
+
+
+def test_frozen_vision_tower_stays_put(toy, tmp_path):
+    data = small_data(toy, tmp_path, common.read_jsonl(toy / "data" / "reward_train.jsonl")[:8])
+    train.main(config(toy, tmp_path, data, steps=2, eval_every=2, train_vision=False))
+    before = common.load_model(toy / "base").state_dict()
+    after = common.load_model(tmp_path / "reward").state_dict()
+    vision = [k for k in before if k.startswith("model.visual.")]
+    assert vision and all(torch.equal(before[k], after[k]) for k in vision)
+    assert not all(torch.equal(before[k], after[k]) for k in before if k not in vision)
