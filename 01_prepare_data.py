@@ -363,15 +363,18 @@ def write_gen_candidates(n: int, n_cand: int, rng, writer: MediaWriter) -> list[
 # about them, briefly: it perceives the toy world but stays an imperfect answerer, so the later stages
 # have something to improve.
 
-def base_example(rng, qa_share: float, verify_share: float, defect_share: float = 0.3):
-    """One pretraining example: (medium kind, pixels, question, answer, words it shows).
+def base_example(rng, qa_share: float, verify_share: float, multi_share: float, defect_share: float = 0.3):
+    """One pretraining example: (medium kind, [pixels per medium], question, answer, [words each shows]).
     Three kinds, as a generic VLM is trained on: descriptions (naming quality defects too, "..., noisy"),
     the two-attribute questions the policy will face, and yes/no checks, half of one attribute ("Is the
     square red?"), half of a whole caption ("Is it a red square at the top?": yes only when both named
     attributes are right). Measured: with caption checks the base checks two attributes at once (94%)
     and a judge learns two-attribute scores from it (see the README); with one-attribute checks only,
-    judges learned one of the two attributes and stalled."""
+    judges learned one of the two attributes and stalled. A `multi_share` of the examples shows two
+    pictures or two clips and asks about one of them (see multi_example)."""
     medium = "image" if rng.random() < 0.5 else "video"
+    if rng.random() < multi_share:
+        return multi_example(medium, rng, defect_share)
     scene = sample_scene(medium, rng)
     defect = str(rng.choice(DEFECTS)) if rng.random() < defect_share else None
     pixels = render(medium, scene, defect, rng)
@@ -379,19 +382,42 @@ def base_example(rng, qa_share: float, verify_share: float, defect_share: float 
     u = rng.random()
     if u < qa_share:
         question, asked = question_for(medium, rng)
-        return medium, pixels, question, answer_text(scene, asked), shown
+        return medium, [pixels], question, answer_text(scene, asked), [shown]
     if u < qa_share + verify_share:
         if rng.random() < 0.5:
             attrs = CAPTION_ATTRS[medium]
             miss = [bool(rng.random() < 0.3) for _ in attrs]   # about half the answers are "yes"
             named = perturb(scene, attrs, miss, medium, rng)
-            return medium, pixels, caption_question(medium, named), "no" if any(miss) else "yes", shown
+            return medium, [pixels], caption_question(medium, named), "no" if any(miss) else "yes", [shown]
         attr = str(rng.choice(list(attrs_of(medium))))
         yes = bool(rng.random() < 0.5)
         value = scene[attr] if yes else str(rng.choice([v for v in attrs_of(medium)[attr] if v != scene[attr]]))
-        return medium, pixels, check_question(attr, value), "yes" if yes else "no", shown
-    text = description(medium, scene) + (f", {DEFECT_WORDS[defect]}" if defect else "")
-    return medium, pixels, DESCRIBE[medium], text, shown
+        return medium, [pixels], check_question(attr, value), "yes" if yes else "no", [shown]
+    return medium, [pixels], DESCRIBE[medium], described(medium, scene, defect), [shown]
+
+
+def multi_example(medium: str, rng, defect_share: float):
+    """Two pictures (or clips) of similar scenes, one of them addressed by its label: "Describe Picture 2."
+    or "Is Video 1 a red square moving left?". Real VLMs are pretrained on multi-image data; a pairwise
+    judge needs exactly this, to check each of two candidates against one caption. The second scene
+    differs from the first in each captioned attribute with probability 1/2, so the answer depends on
+    which medium is addressed."""
+    attrs = CAPTION_ATTRS[medium]
+    first = sample_scene(medium, rng)
+    scenes = [first, perturb(first, attrs, [bool(rng.random() < 0.5) for _ in attrs], medium, rng)]
+    scenes[1]["size"] = str(rng.choice(list(attrs_of(medium)["size"])))
+    if rng.random() < 0.5:
+        scenes.reverse()
+    defects = [str(rng.choice(DEFECTS)) if rng.random() < defect_share else None for _ in scenes]
+    pixels = [render(medium, sc, d, rng) for sc, d in zip(scenes, defects)]
+    shown = [" ".join(sc.values()) + (f" {DEFECT_WORDS[d]}" if d else "") for sc, d in zip(scenes, defects)]
+    k = int(rng.integers(2))
+    label = f"{'Picture' if medium == 'image' else 'Video'} {k + 1}"
+    if rng.random() < 0.5:
+        return medium, pixels, f"Describe {label}.", described(medium, scenes[k], defects[k]), shown
+    miss = [bool(rng.random() < 0.3) for _ in attrs]
+    named = perturb(scenes[k], attrs, miss, medium, rng)
+    return medium, pixels, caption_question(medium, named, label), "no" if any(miss) else "yes", shown
 
 
 DEFECT_WORDS = {"noise": "noisy", "blur": "blurry"}
@@ -404,9 +430,14 @@ def check_question(attr: str, value: str) -> str:
     return VERIFY[attr].format(where(value) if attr == "position" else value)
 
 
-def caption_question(medium: str, scene: dict) -> str:
-    """A yes/no check of a whole caption: 'Is it a red square at the top?'."""
-    return f"Is it {caption(medium, scene)}?"
+def caption_question(medium: str, scene: dict, subject: str = "it") -> str:
+    """A yes/no check of a whole caption: 'Is it a red square at the top?', 'Is Picture 2 a ...?'."""
+    return f"Is {subject} {caption(medium, scene)}?"
+
+
+def described(medium: str, scene: dict, defect: str | None) -> str:
+    """The description target: 'a small red square at the top', plus ', noisy' for a defect."""
+    return description(medium, scene) + (f", {DEFECT_WORDS[defect]}" if defect else "")
 
 
 DESCRIBE = {"image": "Describe the picture.", "video": "Describe the video."}
@@ -423,6 +454,9 @@ def toy_corpus(records, prompts, gen_rows) -> list[str]:
     texts += [p["question"] for p in prompts] + [p["answer"] for p in prompts] + [g["prompt"] for g in gen_rows]
     texts += list(DESCRIBE.values()) + [f", {w}" for w in DEFECT_WORDS.values()] + ["yes", "no"]
     texts += [caption_question("image", {"colour": c, "position": p}) for c in COLOURS for p in POSITIONS]
+    texts += [f"Describe {label} {k}." for label in ("Picture", "Video") for k in (1, 2)]
+    texts += [caption_question(medium, {"colour": c, "position": "top", "direction": "up"}, f"{label} {k}")
+              for medium, label in (("image", "Picture"), ("video", "Video")) for c in COLOURS for k in (1, 2)]
     texts += [check_question(a, v) for medium in ("image", "video") for a, vals in attrs_of(medium).items()
               for v in vals]
     for medium in ("image", "video"):
@@ -487,10 +521,12 @@ def pretrain_base(cfg, corpus, out_dir: Path):
     for step in range(cfg.base_steps):
         for group in optimizer.param_groups:
             group["lr"] = common.lr_at(step, cfg.base_steps, cfg.base_lr, 100)
-        examples = [base_example(rng, cfg.base_qa_share, cfg.base_verify_share) for _ in range(cfg.base_batch)]
-        batch = common.collate([common.encode(processor, [as_media(m, px)], q, a) for m, px, q, a, _ in examples], pad)
+        examples = [base_example(rng, cfg.base_qa_share, cfg.base_verify_share, cfg.base_multi_share)
+                    for _ in range(cfg.base_batch)]
+        batch = common.collate([common.encode(processor, [as_media(m, px) for px in pixels], q, a)
+                                for m, pixels, q, a, _ in examples], pad)
         ce = -common.answer_token_logps(model, batch)[0].mean()     # cross-entropy on the answer tokens
-        shown = [e[4] for e in examples if e[0] == "image"] + [e[4] for e in examples if e[0] == "video"]
+        shown = [w for kind in ("image", "video") for e in examples if e[0] == kind for w in e[4]]
         ids, target = grounding_targets(processor, shown)
         logits = model.lm_head(visual.pooled(batch))[:, ids]         # (n_media, K)
         ground = torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
@@ -709,6 +745,7 @@ class Config:
                                      # the base answers them imperfectly (76-84% right) and DPO has work to do
     base_verify_share: float = 0.6   # share of yes/no checks (the rest is description): checking a word
                                      # against the pixels is what a judge needs and what plateaus
+    base_multi_share: float = 0.25   # share of two-picture / two-clip examples asking about one of them
     text_layers: int = 4             # language-model layers of the tiny model (4 checked colour reliably, 2 not)
     base_ground: float = 1.0         # weight of the grounding loss on visual tokens (see pretrain_base)
 

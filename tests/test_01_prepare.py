@@ -1,6 +1,7 @@
 """01_prepare_data.py: the toy world is deterministic, valid, disjoint, and the base loads like a hub model."""
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -82,3 +83,21 @@ def test_base_loads_like_a_hub_checkpoint(toy):
     assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"
     assert type(processor).__name__ == "Qwen2_5_VLProcessor"
     assert json.loads((toy / "base" / "config.json").read_text())["model_type"] == "qwen2_5_vl"
+
+
+def test_two_media_examples_ask_about_the_labelled_one(prep):
+    rng = np.random.default_rng(3)
+    seen = {"describe": 0, "yes": 0, "no": 0}
+    for _ in range(300):
+        medium, pixels, question, answer, shown = prep.multi_example("image" if rng.random() < 0.5 else "video", rng, 0.3)
+        assert len(pixels) == len(shown) == 2
+        k = int(re.search(r"(?:Picture|Video) ([12])", question).group(1))
+        words = shown[k - 1].split()
+        if question.startswith("Describe"):
+            seen["describe"] += 1
+            assert all(w in words for w in answer.replace(",", "").split() if w not in ("a", "square", "at", "the", "on", "moving"))
+        else:
+            seen[answer] += 1
+            named = re.search(r"a (\w+) square (?:at the |on the |moving )(\w+)\?", question).groups()
+            assert (answer == "yes") == all(w in words for w in named), (question, answer, shown)
+    assert min(seen.values()) > 40, seen
