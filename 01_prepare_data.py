@@ -742,10 +742,10 @@ class Config:
     base_batch: int = 16             # pretraining batch size
     base_lr: float = 1e-3            # pretraining peak learning rate
     base_qa_share: float = 0.03      # share of two-attribute questions (the policy's task): kept small so
-                                     # the base answers them imperfectly (76-84% right) and DPO has work to do
+                                     # the base answers them imperfectly (72-88% right) and DPO has work to do
     base_verify_share: float = 0.6   # share of yes/no checks (the rest is description): checking a word
                                      # against the pixels is what a judge needs and what plateaus
-    base_multi_share: float = 0.25   # share of two-picture / two-clip examples asking about one of them
+    base_multi_share: float = 0.15   # share of two-picture / two-clip examples asking about one of them
     text_layers: int = 4             # language-model layers of the tiny model (4 checked colour reliably, 2 not)
     base_ground: float = 1.0         # weight of the grounding loss on visual tokens (see pretrain_base)
 

@@ -30,7 +30,7 @@ class Config:
     base: str = "runs/toy/base"       # checkpoint to start from: hub id or local folder (any Qwen2.5-VL)
     out_dir: str = "runs/toy/reward"  # judge checkpoint, log.jsonl, skipped.jsonl
     template: str = "short"           # wording for judging held-out records (both orders): short or paper
-    steps: int = 3500                 # optimizer steps (01 + 02 take about 13 minutes on 2 CPU cores)
+    steps: int = 3000                 # optimizer steps (sized so that 01 + 02 take about 10 minutes on 2 CPU cores)
     batch_size: int = 8               # examples per micro-batch (8 escaped the plateau sooner in wall time than 16)
     grad_accum: int = 1               # micro-batches per optimizer step
     lr: float = 3e-4                  # peak learning rate (AdamW); ~1e-5 for a 3B model. The tiny judge reuses
@@ -45,7 +45,7 @@ class Config:
                                       # takes ~1 GB; turn off for large real sets)
     max_len: int = 2048               # longest example in tokens; longer ones are skipped, never truncated
     eval_every: int = 1000            # steps between held-out evaluations (and checkpoints)
-    eval_size: int = 64               # test records per task and kind in periodic evals (0 = all)
+    eval_size: int = 32               # test records per task and kind in periodic evals (0 = all; the final one uses all)
     seed: int = 0                     # seeds data order and initialisation of anything random
     resume: bool = False              # continue from the checkpoint in out_dir
 
