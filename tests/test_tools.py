@@ -1,4 +1,4 @@
-"""The base-model probe (tools/probe_base.py): its questions and its scoring."""
+"""The diagnostic tools: the base-model probe (tools/probe_base.py) and the judge breakdown (tools/judge_breakdown.py)."""
 import subprocess
 import sys
 
@@ -53,3 +53,37 @@ def test_probe_runs_on_a_checkpoint(toy):
     assert out.returncode == 0, out.stderr
     rows = [line for line in out.stdout.splitlines() if line.startswith("| ")]
     assert len(rows) == 7   # header + 3 image + 3 video attributes
+
+
+def breakdown_tool():
+    sys.path.insert(0, str(ROOT / "tools"))
+    return stage("judge_breakdown")
+
+
+def test_breakdown_groups_by_ground_truth():
+    jb = breakdown_tool()
+    cand = lambda misses, defect=None: {"misses": misses, "defect": defect}
+    pair = lambda a, b: {"candidates": [a, b]}
+    assert jb.category("image_generation", "pairwise", pair(cand(["position"]), cand([])), 2) == "position"
+    assert jb.category("video_generation", "pairwise", pair(cand(["direction", "colour"]), cand([])), 2) \
+        == "colour+direction"
+    assert jb.category("image_generation", "pairwise", pair(cand(["colour"]), cand(["position"], "blur")), 1) \
+        == "quality only"
+    assert jb.category("image_understanding", "pairwise", {"asked": ["position", "size"]}, 1) == "asks position+size"
+    assert jb.category("video_generation", "pointwise", {}, None, 4) == "true score 4"
+    records = [{"task": "image_generation", "kind": "pairwise", "label": 1, "score": None},
+               {"task": "image_generation", "kind": "pairwise", "label": 2, "score": None},
+               {"task": "image_generation", "kind": "pairwise", "label": 0, "score": None},
+               {"task": "image_generation", "kind": "pointwise", "label": None, "score": 3}]
+    truths = [pair(cand([]), cand(["colour"])), pair(cand(["colour"]), cand([])), pair(cand([]), cand([])), {}]
+    preds = [{"p": [0.7, 0.2, 0.1]}, {"p": [0.6, 0.3, 0.1]}, {"p": [0.3, 0.3, 0.4]}, {"score": 3}]
+    assert jb.breakdown(records, truths, preds) == {
+        ("image_generation", "pairwise", "colour"): (1, 2), ("image_generation", "pointwise", "true score 3"): (1, 1)}
+
+
+def test_breakdown_runs_on_a_checkpoint(toy):
+    out = subprocess.run([sys.executable, str(ROOT / "tools/judge_breakdown.py"), "--model", str(toy / "base"),
+                          "--n", "2"], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| ") and "/" in line]
+    assert sum(int(r.split("|")[4].split("/")[1].split()[0]) for r in rows) >= 12   # 16 examples minus ties
