@@ -101,14 +101,18 @@ def _apply_defect(frames: np.ndarray, defect: str | None, rng) -> np.ndarray:
 def render_image(scene: dict, defect: str | None, rng) -> np.ndarray:
     """(64, 64, 3) uint8: the square by its edge, centred along it and jittered so no two renderings are
     identical. Positions are one word ("at the top", "on the left"): with quadrants ("top left") the
-    base's position checks stayed at 42-62% where one-word positions reached 80%+ (README)."""
+    base's position checks stayed at 42-62% where one-word positions reached 80%+ (README). The square
+    takes the backdrop's uneven light (up to +30 red to the right, +30 blue to the bottom): with it the
+    judge's held-out figures rose on all eight (README, "lit squares")."""
     img = BACKGROUND.copy()
     side = SIZES[scene["size"]]
     along = PX // 2 - side // 2 + int(rng.integers(-8, 9))   # offset along the edge
     near = int(rng.integers(2, 7))                            # gap to the edge
     far = PX - side - near
     y, x = {"top": (near, along), "bottom": (far, along), "left": (along, near), "right": (along, far)}[scene["position"]]
-    img[y:y + side, x:x + side] = COLOURS[scene["colour"]]
+    # the square is lit like the backdrop behind it, so its own patches carry where they are too
+    light = BACKGROUND[y:y + side, x:x + side].astype(np.int16) - 40
+    img[y:y + side, x:x + side] = np.clip(np.array(COLOURS[scene["colour"]], np.int16) + light, 0, 255)
     return _apply_defect(img[None], defect, rng)[0]
 
 

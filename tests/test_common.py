@@ -149,7 +149,7 @@ def test_one_forward_verdict_agrees_with_generate(tiny):
     examples = [(m, q, common.render_answer(task, "pairwise", label=lab)) for m, lab in cases]
     point = [([red], common.render_question(task, "pointwise", "a red square", scale=(1, 5)), "Final Score: 5"),
              ([blue], common.render_question(task, "pointwise", "a red square", scale=(1, 5)), "Final Score: 1")]
-    assert overfit(model, processor, examples + point) < 0.05
+    assert overfit(model, processor, examples + point, steps=400) < 0.01   # every answer token, the verdict too
     recs = [{"task": task, "kind": "pairwise", "prompt": "a red square", "responses": []}] * 3
     p = common.judge_pairwise(model, processor, recs, [m for m, _ in cases], "cpu", both_orders=False)
     texts = common.generate(model, processor, [(m, q) for m, _ in cases], "cpu", max_new_tokens=16)
