@@ -40,7 +40,7 @@ class Config:
     clip: float = 1.0                 # gradient-norm clipping
     bt_weight: float = 0.0            # weight of an extra Bradley-Terry term on pairwise verdicts (0 = off)
     train_vision: bool = False        # also fine-tune the vision tower. Frozen (LLaMA-Factory's default too), steps are
-                                      # 20% cheaper and the toy judge learns more per step (README, "frozen vision")
+                                      # 20% cheaper and the toy judge learns more per step (README, "Freeze the vision tower")
     cache: bool = True                # keep every encoded example in memory after its first use (the toy set
                                       # takes ~1 GB; turn off for large real sets)
     max_len: int = 2048               # longest example in tokens; longer ones are skipped, never truncated
