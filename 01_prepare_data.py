@@ -312,12 +312,15 @@ def write_reward_split(split: str, n: int, rng, writer: MediaWriter) -> list[dic
                         break
                 rid = f"toy-{code}-{split}-{kind[:4]}-{i:05d}"
                 paths = [writer.write(m, f"media/{code}/{rid}_{k}.{ext(medium)}") for k, m in enumerate(media)]
-                records.append({
-                    "id": rid, "source": "toy", "task": task, "kind": kind, "media": paths, **fields,
-                    "question": common.render_question(task, kind, fields["prompt"], fields["responses"],
-                                                       fields["scale"]),
-                    "answer": common.render_answer(task, kind, fields["label"], fields["score"])})
+                records.append(toy_record(rid, task, kind, paths, fields))
     return records
+
+
+def toy_record(rid: str, task: str, kind: str, paths: list[str], fields: dict) -> dict:
+    """A unified record (DESIGN.md section 4) from judge_example's fields and the written media."""
+    return {"id": rid, "source": "toy", "task": task, "kind": kind, "media": paths, **fields,
+            "question": common.render_question(task, kind, fields["prompt"], fields["responses"], fields["scale"]),
+            "answer": common.render_answer(task, kind, fields["label"], fields["score"])}
 
 
 def write_policy_prompts(split: str, n: int, rng, writer: MediaWriter) -> list[dict]:
@@ -389,10 +392,7 @@ def base_example(rng, qa_share: float, verify_share: float, multi_share: float, 
         return medium, [pixels], question, answer_text(scene, asked), [shown]
     if u < qa_share + verify_share:
         if rng.random() < 0.5:
-            attrs = CAPTION_ATTRS[medium]
-            miss = [bool(rng.random() < 0.3) for _ in attrs]   # about half the answers are "yes"
-            named = perturb(scene, attrs, miss, medium, rng)
-            return medium, [pixels], caption_question(medium, named), "no" if any(miss) else "yes", [shown]
+            return medium, [pixels], *caption_check(medium, scene, rng), [shown]
         attr = str(rng.choice(list(attrs_of(medium))))
         yes = bool(rng.random() < 0.5)
         value = scene[attr] if yes else str(rng.choice([v for v in attrs_of(medium)[attr] if v != scene[attr]]))
@@ -419,9 +419,16 @@ def multi_example(medium: str, rng, defect_share: float):
     label = f"{'Picture' if medium == 'image' else 'Video'} {k + 1}"
     if rng.random() < 0.5:
         return medium, pixels, f"Describe {label}.", described(medium, scenes[k], defects[k]), shown
+    return medium, pixels, *caption_check(medium, scenes[k], rng, label), shown
+
+
+def caption_check(medium: str, scene: dict, rng, subject: str = "it") -> tuple[str, str]:
+    """(question, yes/no) checking a caption against `scene`; each captioned attribute is named wrong
+    with probability 0.3, so about half the answers are "yes"."""
+    attrs = CAPTION_ATTRS[medium]
     miss = [bool(rng.random() < 0.3) for _ in attrs]
-    named = perturb(scenes[k], attrs, miss, medium, rng)
-    return medium, pixels, caption_question(medium, named, label), "no" if any(miss) else "yes", shown
+    named = perturb(scene, attrs, miss, medium, rng)
+    return caption_question(medium, named, subject), "no" if any(miss) else "yes"
 
 
 DEFECT_WORDS = {"noise": "noisy", "blur": "blurry"}

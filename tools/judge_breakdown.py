@@ -54,11 +54,7 @@ def fresh_examples(n: int, seed: int, data_dir: Path) -> tuple[list[dict], list[
                 fields, media, truth = prep.judge_example(task, kind, rng)
                 rid = f"probe-{prep.TASK_CODE[task]}-{kind[:4]}-{i:05d}"
                 paths = [writer.write(m, f"media/{rid}_{k}.{prep.ext(medium)}") for k, m in enumerate(media)]
-                records.append({
-                    "id": rid, "source": "toy", "task": task, "kind": kind, "media": paths, **fields,
-                    "question": common.render_question(task, kind, fields["prompt"], fields["responses"],
-                                                       fields["scale"]),
-                    "answer": common.render_answer(task, kind, fields["label"], fields["score"])})
+                records.append(prep.toy_record(rid, task, kind, paths, fields))
                 truths.append(truth)
     return records, truths
 
