@@ -522,7 +522,9 @@ def pretrain_base(cfg, corpus, out_dir: Path):
     that); from random weights that alignment is what makes cross-modal comparison learnable. Measured:
     "Is the square red?" went from chance after 1500 steps to 100% after 500 with it."""
     common.set_seed(cfg.seed)
+    device = common.get_device()     # fp32 weights; on CUDA the forward runs under bf16 autocast
     model, processor = common.build_tiny_vlm(corpus, cfg.seed, dict(common.TINY, text_layers=cfg.text_layers))
+    model.to(device)
     visual = VisualTokens(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.base_lr, weight_decay=0.0)
     rng = np.random.default_rng([cfg.seed, 7])
@@ -534,13 +536,14 @@ def pretrain_base(cfg, corpus, out_dir: Path):
             group["lr"] = common.lr_at(step, cfg.base_steps, cfg.base_lr, 100)
         examples = [base_example(rng, cfg.base_qa_share, cfg.base_verify_share, cfg.base_multi_share)
                     for _ in range(cfg.base_batch)]
-        batch = common.collate([common.encode(processor, [as_media(m, px) for px in pixels], q, a)
-                                for m, pixels, q, a, _ in examples], pad)
-        ce = -common.answer_token_logps(model, batch)[0].mean()     # cross-entropy on the answer tokens
+        encoded = [common.encode(processor, [as_media(m, px) for px in pixels], q, a) for m, pixels, q, a, _ in examples]
+        batch = common.to_device(common.collate(encoded, pad), device)
         shown = [w for kind in ("image", "video") for e in examples if e[0] == kind for w in e[4]]
         ids, target = grounding_targets(processor, shown)
-        logits = model.lm_head(visual.pooled(batch))[:, ids]         # (n_media, K)
-        ground = torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
+        with common.autocast(device):
+            ce = -common.answer_token_logps(model, batch)[0].mean()     # cross-entropy on the answer tokens
+            logits = model.lm_head(visual.pooled(batch))[:, ids].float()  # (n_media, K)
+        ground = torch.nn.functional.binary_cross_entropy_with_logits(logits, target.to(device))
         loss = ce + cfg.base_ground * ground
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -550,6 +553,7 @@ def pretrain_base(cfg, corpus, out_dir: Path):
             print(f"  base step {step + 1}/{cfg.base_steps}  answer loss {ce.item():.3f}  "
                   f"grounding {ground.item():.3f}  {time.time() - t0:.0f}s")
     model.eval()
+    model.cpu()
     common.save_checkpoint(model, processor, out_dir)
     return model, processor
 

@@ -238,7 +238,7 @@ def main(cfg: Config) -> dict:
     print(f"{len(train)} train / {len(test)} test records; {skips.summary()}")
 
     start = out if cfg.resume and (out / "train_state.pt").exists() else cfg.base
-    model = common.load_model(start, device)
+    model = common.load_model(start, device, train=True)
     processor = common.load_processor(start)
     model.config.use_cache = False
     if not cfg.train_vision:

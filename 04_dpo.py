@@ -119,7 +119,7 @@ def main(cfg: Config) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     skips = common.SkipLog(out / "skipped.jsonl")
     resuming = cfg.resume and (out / "train_state.pt").exists()
-    model = common.load_model(out if resuming else cfg.policy, device)
+    model = common.load_model(out if resuming else cfg.policy, device, train=True)
     processor = common.load_processor(cfg.policy)
     # Dropout off (eval mode) while training: the policy's log-probs must be computed exactly as the
     # reference's were, or the margin h carries dropout noise even at step 0.

@@ -421,12 +421,16 @@ def parse_verdict(text: str, task: str, kind: str, scale=None):
 # ---------------------------------------------------------------------------------------------
 # models
 
-def load_model(name_or_path, device="cpu", dtype=None):
+def load_model(name_or_path, device="cpu", train=False):
     """Any Qwen2.5-VL checkpoint (hub id or local folder) through the same calls a hub user makes.
-    bf16 weights on CUDA by default, fp32 on CPU."""
+
+    Weights are fp32 on CPU. On CUDA they are bf16 for judging and sampling, but fp32 for training
+    (`train=True`), with the math in bf16 under `autocast`: AdamW's steps at fine-tuning learning rates
+    (1e-5 and below) are smaller than bf16's rounding step for a weight near 0.02 (about 1e-4), so
+    bf16 weights would barely move. A 3B model then needs about 48 GB for weights, gradients and
+    AdamW's moments, which one 80 GB GPU holds."""
     from transformers import AutoModelForImageTextToText
-    if dtype is None:
-        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = torch.bfloat16 if device == "cuda" and not train else torch.float32
     model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=dtype)
     return model.to(device)
 

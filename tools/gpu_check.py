@@ -1,4 +1,4 @@
-"""GPU smoke test at real scale (issue 4): a random-weight Qwen2.5-VL of the 3B shape, 20 bf16 training
+"""GPU smoke test at real scale (issue 4): a random-weight Qwen2.5-VL of the 3B shape, 20 training
 steps of 02 on a few hundred toy records, then 05's judge evaluation on the toy test set.
 Prints tokens/s, peak GPU memory and any failure. Run on a CUDA machine:
 
