@@ -32,7 +32,8 @@ import common
 # One square per picture or clip. Attributes were chosen for what a tiny vision tower perceives after
 # minutes of CPU training: colour, where the square is (spatial), how big it is, and for clips which
 # way it moves (temporal). Every judgment depends on the pixels: the text alone is uninformative
-# because wrong attribute values are drawn uniformly, so right and wrong answers look alike.
+# because wrong attribute values are drawn uniformly, so right and wrong answers look alike. (Training
+# records also hold answers of the wrong form, which the text alone gives away; held-out ones do not.)
 
 COLOURS = {"red": (220, 50, 50), "green": (60, 190, 70), "blue": (60, 100, 235), "yellow": (230, 210, 50)}
 POSITIONS = ("top", "bottom", "left", "right")   # which edge of the picture the square sits by
@@ -197,6 +198,42 @@ def candidate_answer(medium: str, scene: dict, asked, n_right: int, rng) -> str:
     return answer_text(perturb(scene, asked, wrong, medium, rng), asked)
 
 
+def malform(answer: str, scene: dict, asked, medium: str, rng) -> str:
+    """The answer in a wrong form, as sampled policy answers often are (the base also learnt to describe):
+    a wrong slot takes a word of another kind ("red, small" to "what colour and where"), or an answer
+    with nothing right gives the asked values, right or not, and then one that was not asked ("red, top,
+    large"). The grader checks the asked values in order, so the number right does not change: the
+    label and score stay valid. A fully right answer is returned as it is."""
+    values = answer.split(", ")
+    wrong = [i for i, (v, a) in enumerate(zip(values, asked)) if v != scene[a]]
+    if len(wrong) == len(asked) and rng.random() < 0.5:
+        extra = next(a for a in attrs_of(medium) if a not in asked)
+        values = [scene[a] if rng.random() < 0.5 else v for a, v in zip(asked, values)]
+        values.append(scene[extra] if rng.random() < 0.5 else str(rng.choice(attrs_of(medium)[extra])))
+    elif wrong:
+        k = int(rng.choice(wrong))
+        words = {v for attrs in (IMAGE_ATTRS, VIDEO_ATTRS) for vals in attrs.values() for v in vals}
+        values[k] = str(rng.choice(sorted((words | set(DEFECT_WORDS.values())) - set(attrs_of(medium)[asked[k]]))))
+    return ", ".join(values)
+
+
+def malform_answers(records: list[dict], truths: list[dict], share: float, rng) -> int:
+    """Rewrite a `share` of the understanding answers in place with `malform`; returns how many changed.
+    Training records only: the text alone gives these answers away, so in the held-out records they would
+    lift the no-pixels control above chance."""
+    changed = 0
+    for r, t in zip(records, truths):
+        if not r["task"].endswith("understanding"):
+            continue
+        medium = r["task"].split("_")[0]
+        new = [malform(a, t["scene"], t["asked"], medium, rng) if rng.random() < share else a for a in r["responses"]]
+        if new != r["responses"]:
+            changed += sum(a != b for a, b in zip(new, r["responses"]))
+            r["responses"] = new
+            r["question"] = common.render_question(r["task"], r["kind"], r["prompt"], new, r["scale"])
+    return changed
+
+
 def judge_example(task: str, kind: str, rng, tie_keep: float = 0.4):
     """One judge training example with its ground truth: (fields, media pixels, truth).
 
@@ -299,21 +336,23 @@ def ext(medium: str) -> str:
     return "png" if medium == "image" else "mp4"
 
 
-def write_reward_split(split: str, n: int, rng, writer: MediaWriter) -> list[dict]:
-    """n judge records per task and kind, in the unified format (DESIGN.md section 4)."""
-    records = []
+def write_reward_split(split: str, n: int, rng, writer: MediaWriter) -> tuple[list[dict], list[dict]]:
+    """n judge records per task and kind, in the unified format (DESIGN.md section 4), and the ground
+    truth behind each (scene, asked attributes, number right)."""
+    records, truths = [], []
     for task in common.TASKS:
         medium, code = task.split("_")[0], TASK_CODE[task]
         for kind in common.KINDS:
             for i in range(n):
                 while True:   # redraw the rare example whose pixels another split already uses
-                    fields, media, _ = judge_example(task, kind, rng)
+                    fields, media, truth = judge_example(task, kind, rng)
                     if all(writer.fresh(m, split) for m in media):
                         break
                 rid = f"toy-{code}-{split}-{kind[:4]}-{i:05d}"
                 paths = [writer.write(m, f"media/{code}/{rid}_{k}.{ext(medium)}") for k, m in enumerate(media)]
                 records.append(toy_record(rid, task, kind, paths, fields))
-    return records
+                truths.append(truth)
+    return records, truths
 
 
 def toy_record(rid: str, task: str, kind: str, paths: list[str], fields: dict) -> dict:
@@ -749,6 +788,7 @@ class Config:
     seed: int = 0                    # one seed for the whole toy world and the base model
     train_per_group: int = 1000      # judge training records per task and kind (x8 groups)
     test_per_group: int = 150        # held-out judge records per task and kind
+    malformed: float = 0.2           # share of training understanding answers rewritten in the wrong form
     policy_train: int = 200          # understanding questions per medium for stage 03 (sampling + DPO)
     policy_test: int = 200           # held-out understanding questions per medium for stage 05
     gen_prompts: int = 60            # generation prompts per medium with candidates for stage 03
@@ -781,21 +821,26 @@ def main(cfg: Config) -> None:
     writer = MediaWriter(data)
     # one random stream per split, so changing one split's size leaves the others unchanged
     stream = lambda name: np.random.default_rng([cfg.seed, sum(map(ord, name))])
-    train = write_reward_split("train", cfg.train_per_group, stream("reward-train"), writer)
-    test = write_reward_split("test", cfg.test_per_group, stream("reward-test"), writer)
+    train, train_truth = write_reward_split("train", cfg.train_per_group, stream("reward-train"), writer)
+    test, _ = write_reward_split("test", cfg.test_per_group, stream("reward-test"), writer)
     prompts_train = write_policy_prompts("train", cfg.policy_train, stream("prompts-train"), writer)
     prompts_test = write_policy_prompts("test", cfg.policy_test, stream("prompts-test"), writer)
     gen = write_gen_candidates(cfg.gen_prompts, cfg.gen_candidates, stream("gen"), writer)
+    # The tokenizer (and with it the base, the stand-in for a downloaded checkpoint) is trained on the
+    # world's texts before some training answers are rewritten in the wrong form: the same words in other
+    # orders, which would only reshuffle the tokenizer's merges, and so the base, with the judge's mix.
+    corpus = toy_corpus(train + test, prompts_train + prompts_test, gen)
+    n_bad = malform_answers(train, train_truth, cfg.malformed, stream("malformed"))
     for name, rows in [("reward_train", train), ("reward_test", test), ("prompts_train", prompts_train),
                        ("prompts_test", prompts_test), ("gen_candidates", gen)]:
         common.write_jsonl(data / f"{name}.jsonl", rows)
     print(f"toy world: {len(train)} train / {len(test)} test judge records, "
           f"{len(prompts_train)} + {len(prompts_test)} policy questions, {len(gen)} generation prompts "
-          f"-> {data}  ({time.time() - t0:.0f}s)")
+          f"({n_bad} training answers in the wrong form) -> {data}  ({time.time() - t0:.0f}s)")
     print(count_table(train + test))
     if cfg.base_steps > 0:
         print(f"pretraining the tiny base model ({cfg.base_steps} steps) -> {out / 'base'}")
-        pretrain_base(cfg, toy_corpus(train + test, prompts_train + prompts_test, gen), out / "base")
+        pretrain_base(cfg, corpus, out / "base")
     print(f"done in {time.time() - t0:.0f}s")
 
 

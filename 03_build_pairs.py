@@ -48,17 +48,21 @@ class Config:
 # ---------------------------------------------------------------------------------------------
 # pair ranking + point sifting, independent of where candidates and scores come from
 
-# Expected scores are floats from batched forward passes: the same answer padded differently scores
-# 1.6944278 once and 1.6944276 the next time. "Strictly higher" means higher by more than that noise,
-# or two copies of one answer would make a pair.
+# Scores that are floats from batched forward passes differ in the last digits with the padding: the same
+# answer scores 1.6944278 once and 1.6944276 the next time. "Strictly higher" means higher by more than
+# that noise, or two copies of one answer would make a pair.
 SCORE_TOLERANCE = 1e-4
+
 
 def rank_and_sift(n: int, first_wins, score):
     """The paper's selection for one prompt with n candidates.
 
     first_wins(i, j) -> True / False / None (None = the judge gave no usable verdict: pair unused);
-    score(i) -> number or None. Returns (chosen, rejected, chosen_list, rejected_list) or
-    (None, None, ...) when the prompt is dropped (no ranked pair, or chosen score not strictly higher).
+    score(i) -> None, a number (the score the judge writes), or (written score, expected score): then the
+    written score ranks, the expected score breaks its ties, and the strict filter compares written
+    scores only, as the paper compares the integers its judge writes. Returns (chosen, rejected,
+    chosen_list, rejected_list) or (None, None, ...) when the prompt is dropped (no ranked pair, or
+    chosen score not strictly higher).
     """
     chosen_list, rejected_list = [], []
     for i in range(0, n - 1, 2):                  # fixed pairs (0,1), (2,3), ...
@@ -67,13 +71,14 @@ def rank_and_sift(n: int, first_wins, score):
             continue
         chosen_list.append(i if verdict else i + 1)
         rejected_list.append(i + 1 if verdict else i)
-    scored_c = [(score(i), i) for i in chosen_list if score(i) is not None]
-    scored_r = [(score(i), i) for i in rejected_list if score(i) is not None]
+    as_key = lambda s: s if isinstance(s, tuple) else (s,)
+    scored_c = [(as_key(score(i)), i) for i in chosen_list if score(i) is not None]
+    scored_r = [(as_key(score(i)), i) for i in rejected_list if score(i) is not None]
     if not scored_c or not scored_r:
         return None, None, chosen_list, rejected_list
     best = max(scored_c, key=lambda t: (t[0], -t[1]))      # highest score, first index on ties
     worst = min(scored_r, key=lambda t: (t[0], t[1]))      # lowest score, first index on ties
-    if not best[0] > worst[0] + SCORE_TOLERANCE:            # the strict filter: numbers, not strings
+    if not best[0][0] > worst[0][0] + SCORE_TOLERANCE:      # the strict filter: numbers, not strings
         return None, None, chosen_list, rejected_list
     return best[1], worst[1], chosen_list, rejected_list
 
@@ -104,15 +109,18 @@ class Judge:
         return out
 
     def scores(self, records, media) -> list:
-        """-> per record a number (expected score for the forward readout) or None."""
+        """-> per record (written score, expected score) or None. Read in one forward pass, the written
+        score is the most likely one (what greedy decoding would write); generate + parse reads only it."""
         t = time.time()
         if self.cfg.judge == "generate":
             out = common.judge_by_generating(self.model, self.processor, records, media, self.device,
                                              self.cfg.template)
             self.unparsed += sum(s is None for s in out)
+            out = [None if s is None else (s, s) for s in out]
         else:
-            out = common.judge_pointwise(self.model, self.processor, records, media, self.device, self.cfg.template,
-                                         batch_size=self.cfg.batch_size)[0].tolist()
+            expected, written = common.judge_pointwise(self.model, self.processor, records, media, self.device,
+                                                       self.cfg.template, batch_size=self.cfg.batch_size)
+            out = list(zip([int(w) for w in written.tolist()], expected.tolist()))
         self.seconds += time.time() - t
         self.judgments += len(records)
         return out
@@ -125,7 +133,8 @@ def scale(text: str) -> list[int]:
 
 def judge_prompt(judge, task, prompt, media, answers, cfg):
     """Rank and sift the candidates of one prompt. answers: understanding responses (media shared),
-    or None for generation (media are the candidates). Returns rank_and_sift's output and the scores."""
+    or None for generation (media are the candidates). Returns rank_and_sift's output, the pairwise
+    verdicts, and the written and expected scores."""
     n = len(answers) if answers is not None else len(media)
     pair_recs, pair_media = [], []
     for i in range(0, n - 1, 2):
@@ -142,7 +151,9 @@ def judge_prompt(judge, task, prompt, media, answers, cfg):
     point_media = [media if answers is not None else [media[i]] for i in range(n)]
     scores = judge.scores(point_recs, point_media)
     result = rank_and_sift(n, lambda i, j: wins[i // 2], lambda i: scores[i])
-    return result, wins, scores
+    written = [None if s is None else s[0] for s in scores]
+    expected = [None if s is None else round(s[1], 4) for s in scores]
+    return result, wins, written, expected
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,11 +220,11 @@ def main(cfg: Config) -> dict:
                                   cfg.max_new_tokens, cfg.temperature, cfg.n_samples, cfg.batch_size)
         for p, m, answers in zip(chunk, media, samples):
             answers = [a.strip() for a in answers]
-            (ch, rj, cl, rl), wins, scores = judge_prompt(judge, p["task"], p["question"], m, answers, cfg)
+            (ch, rj, cl, rl), wins, scores, expected = judge_prompt(judge, p["task"], p["question"], m, answers, cfg)
             truth = [n_right(a, p) for a in answers]
             common.append_jsonl(cand_path, {
                 "id": p["id"], "task": p["task"], "samples": answers, "distinct": len(set(answers)),
-                "pair_first_wins": wins, "scores": scores, "truth_right": truth, "chosen": ch, "rejected": rj})
+                "pair_first_wins": wins, "scores": scores, "expected": expected, "truth_right": truth, "chosen": ch, "rejected": rj})
             if ch is not None:
                 common.append_jsonl(out / "pairs.jsonl", {
                     "id": p["id"], "task": p["task"], "media": p["media"], "prompt": p["question"],
@@ -234,10 +245,11 @@ def main(cfg: Config) -> dict:
         except common.MediaError as e:
             skips.add(gen_path, g["id"], f"unreadable candidate: {e}")
             continue
-        (ch, rj, cl, rl), wins, scores = judge_prompt(judge, g["task"], g["prompt"], media, None, cfg)
+        (ch, rj, cl, rl), wins, scores, expected = judge_prompt(judge, g["task"], g["prompt"], media, None, cfg)
         truth = g.get("truth")
         common.append_jsonl(cand_path, {"id": g["id"], "task": g["task"], "samples": g["media"],
-                                        "pair_first_wins": wins, "scores": scores, "truth_score": truth,
+                                        "pair_first_wins": wins, "scores": scores, "expected": expected,
+                                        "truth_score": truth,
                                         "chosen": ch, "rejected": rj})
         if ch is not None:
             key = "jpg" if g["task"] == "image_generation" else "mp4"

@@ -9,6 +9,12 @@ UnifiedReward uses beta = 0.1 for VLM policies. log pi(y|x) is the sum of the an
 The reference log-probs are computed once, before training, and stored: no second model sits in
 memory while training.
 
+Added to it, with weight `sft_weight`: the chosen answer's negative log-likelihood per token,
+-log pi(y_c|x) / |y_c| (RPO, Pang et al. 2024; Llama 3 does the same). DPO alone lets both answers'
+likelihoods fall as long as their gap widens. Measured on the toy pairs: 6 epochs of plain DPO took the
+policy's answers from 89.0% to 63.0% right on pictures and from 60.5% to 47.0% on clips, with doubled
+words ("yellowyellow, large"); with the term, 16 epochs took them to 99.5% and 75.0% (README, results).
+
     python 04_dpo.py                      # toy: runs/toy/base + runs/toy/pairs/pairs.jsonl -> runs/toy/policy
 """
 from __future__ import annotations
@@ -34,7 +40,8 @@ class Config:
     loss: str = "sigmoid"                          # sigmoid (DPO) or ipo
     beta: float = 0.1                              # DPO temperature (paper: 0.1 for VLMs)
     label_smoothing: float = 0.0                   # > 0: conservative DPO (assumes this share of labels flipped)
-    epochs: int = 2                                # passes over the pairs
+    sft_weight: float = 1.0                        # weight of the chosen answers' NLL added to the DPO loss (RPO)
+    epochs: int = 16                               # passes over the pairs (about 400 steps on the toy pairs)
     batch_size: int = 8                            # pairs per micro-batch (chosen + rejected = 2x sequences)
     grad_accum: int = 1                            # micro-batches per optimizer step
     lr: float = 5e-5                               # peak learning rate (tiny model; 2e-4 wrecked its answers; ~5e-7 for a 7B policy)
@@ -70,13 +77,14 @@ def dpo_loss(pi_c, pi_r, ref_c, ref_r, beta=0.1, label_smoothing=0.0, kind="sigm
 
 
 def pair_logps(model, processor, pairs, media, max_len):
-    """Chosen and rejected of each pair in ONE concatenated forward: (B,), (B,) summed log-probs."""
+    """Chosen and rejected of each pair in ONE concatenated forward: (B,), (B,) summed log-probs, and
+    (B,) the number of answer tokens of each chosen."""
     encs = [common.encode(processor, m, p["prompt"], p[side], max_len)
             for side in ("chosen", "rejected") for p, m in zip(pairs, media)]
     batch = common.to_device(common.collate(encs, processor.tokenizer.pad_token_id), model.device)
     with common.autocast(model.device.type):
         logps = common.answer_logps(model, batch)
-    return logps[:len(pairs)], logps[len(pairs):]
+    return logps[:len(pairs)], logps[len(pairs):], batch["answer_mask"][:len(pairs)].sum(1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,7 +115,7 @@ def reference_logps(model, processor, pairs, media, cfg) -> torch.Tensor:
     """(N, 2) log-probs of chosen and rejected under the starting policy, computed once."""
     out = []
     for i in range(0, len(pairs), cfg.batch_size):
-        c, r = pair_logps(model, processor, pairs[i:i + cfg.batch_size], media[i:i + cfg.batch_size], cfg.max_len)
+        c, r, _ = pair_logps(model, processor, pairs[i:i + cfg.batch_size], media[i:i + cfg.batch_size], cfg.max_len)
         out.append(torch.stack([c, r], 1).float().cpu())
     return torch.cat(out)
 
@@ -149,13 +157,17 @@ def main(cfg: Config) -> dict:
         print(f"reference log-probs of {len(pairs)} pairs in {time.time() - t:.1f}s")
 
     def run(idx, train_mode: bool):
-        c, r = pair_logps(model, processor, [pairs[i] for i in idx], [media[i] for i in idx], cfg.max_len)
+        c, r, n_c = pair_logps(model, processor, [pairs[i] for i in idx], [media[i] for i in idx], cfg.max_len)
         rc, rr = ref[idx, 0].to(device), ref[idx, 1].to(device)
         losses, ch, rj = dpo_loss(c.float(), r.float(), rc, rr, cfg.beta, cfg.label_smoothing, cfg.loss)
-        stats = {"loss": losses.mean().item(), "reward_acc": (ch > rj).float().mean().item(),
+        # The chosen answer's own likelihood (per token), kept up by a plain NLL term: DPO alone only
+        # widens the gap and lets both likelihoods fall, until greedy decoding picks tokens that neither
+        # answer had (measured here: "yellowyellow, large"). Pang et al. 2024 (RPO) and Llama 3 add it.
+        nll = -(c.float() / n_c).mean()
+        stats = {"loss": losses.mean().item(), "nll_chosen": nll.item(), "reward_acc": (ch > rj).float().mean().item(),
                  "margin": (ch - rj).mean().item(), "chosen_reward": ch.mean().item(),
                  "rejected_reward": rj.mean().item()}
-        return losses.mean(), stats
+        return losses.mean() + cfg.sft_weight * nll, stats
 
     @torch.no_grad()
     def evaluate():

@@ -36,6 +36,16 @@ def test_strict_filter_and_unusable_verdicts():
     assert pairs.rank_and_sift(2, lambda i, j: True, lambda i: [10, 9][i])[:2] == (0, 1)
 
 
+def test_written_scores_filter_and_expected_scores_break_ties():
+    # (written, expected): the written score ranks, the expected breaks ties within each list ...
+    wins = lambda i, j: True                                    # chosen 0, 2, 4; rejected 1, 3, 5
+    s = [(3, 2.6), (1, 1.4), (3, 2.9), (1, 1.2), (2, 2.99), (2, 1.6)]
+    assert pairs.rank_and_sift(6, wins, lambda i: s[i])[:2] == (2, 3)
+    # ... but only the written scores pass the strict filter: equal written scores drop the prompt
+    same = [(2, 2.4), (2, 1.6)]
+    assert pairs.rank_and_sift(2, wins, lambda i: same[i])[:2] == (None, None)
+
+
 def test_both_order_judging_is_symmetric(tiny, toy):
     model, processor = tiny
     data = toy / "data"
@@ -61,7 +71,8 @@ def test_builds_pairs_and_reports(toy, tmp_path):
     assert len(cands) == 8 + 4          # 4 image + 4 video questions, 2 + 2 generation prompts
     kept = common.read_jsonl(out / "pairs.jsonl") + common.read_jsonl(out / "gen_pairs.jsonl")
     for c in cands:
-        assert len(c["scores"]) == 4 and all(isinstance(s, float) for s in c["scores"])
+        assert len(c["scores"]) == 4 and all(isinstance(s, int) for s in c["scores"])      # written scores
+        assert len(c["expected"]) == 4 and all(isinstance(s, float) for s in c["expected"])
         assert (c["chosen"] is None) == (c["id"] not in {p["id"] for p in kept})
     for p in kept:
         assert p["chosen_score"] > p["rejected_score"]

@@ -46,10 +46,10 @@ def test_stored_reference_equals_fresh_forward_and_grads_reach_policy_only(tiny,
     ref = dpo.reference_logps(model, processor, pairs, media, cfg)
     assert not ref.requires_grad
     fresh = common.load_model(toy / "base")
-    c, r = dpo.pair_logps(fresh, processor, pairs, media, 4096)
+    c, r, _ = dpo.pair_logps(fresh, processor, pairs, media, 4096)
     assert torch.allclose(ref, torch.stack([c, r], 1).detach(), atol=1e-5)
     model.eval()
-    c, r = dpo.pair_logps(model, processor, pairs, media, 4096)
+    c, r, _ = dpo.pair_logps(model, processor, pairs, media, 4096)
     loss = dpo.dpo_loss(c, r, ref[:, 0], ref[:, 1])[0].mean()
     assert torch.allclose(loss, torch.tensor(math.log(2)), atol=1e-5)      # policy == reference at start
     loss.backward()
@@ -78,3 +78,21 @@ def test_bad_pairs_are_skipped(toy, tmp_path):
     cfg = dpo.Config(data_dir=str(toy / "data"), pairs=str(tmp_path / "pairs.jsonl"))
     kept, media = dpo.load_pairs(cfg, processor, skips)
     assert [p["id"] for p in kept] == [p["id"] for p in good] and skips.total == 2
+
+
+def test_chosen_nll_term_keeps_the_chosen_likely(toy, tmp_path):
+    processor = common.load_processor(toy / "base")
+    pairs = fixed_pairs(toy)
+    media = [common.load_media(p["media"], toy / "data") for p in pairs]
+    _, _, n_c = dpo.pair_logps(common.load_model(toy / "base"), processor, pairs, media, 4096)
+    lengths = [len(processor.tokenizer(p["chosen"] + common.END_OF_TURN, add_special_tokens=False)["input_ids"])
+               for p in pairs]
+    assert n_c.tolist() == lengths                        # the NLL is per token of the chosen answer
+    common.write_jsonl(tmp_path / "pairs.jsonl", pairs * 3)
+    nll = {}
+    for w in (0.0, 5.0):
+        cfg = dpo.Config(data_dir=str(toy / "data"), pairs=str(tmp_path / "pairs.jsonl"), policy=str(toy / "base"),
+                         out_dir=str(tmp_path / f"policy{w}"), epochs=4, batch_size=4, lr=1e-3, warmup=1,
+                         holdout=0.2, sft_weight=w)
+        nll[w] = dpo.main(cfg)["nll_chosen"]
+    assert nll[5.0] < nll[0.0]                            # the term pulls the chosen answers' likelihood up
