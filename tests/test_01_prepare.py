@@ -101,3 +101,39 @@ def test_two_media_examples_ask_about_the_labelled_one(prep):
             named = re.search(r"a (\w+) square (?:at the |on the |moving )(\w+)\?", question).groups()
             assert (answer == "yes") == all(w in words for w in named), (question, answer, shown)
     assert min(seen.values()) > 40, seen
+
+
+def test_rewritten_training_answers_keep_their_truth(prep):
+    """Answers rewritten in a wrong form stay exactly as right as their label and score say, by the
+    grader 03 uses."""
+    import importlib
+    n_right = importlib.import_module("03_build_pairs").n_right
+    rng = np.random.default_rng(3)
+    records, truths = [], []
+    for task in ("image_understanding", "video_understanding"):
+        for kind in common.KINDS:
+            for i in range(60):
+                fields, _, truth = prep.judge_example(task, kind, rng)
+                records.append(prep.toy_record(f"r{len(records)}", task, kind, [], fields))
+                truths.append(truth)
+    n_bad = prep.malform_answers(records, truths, 0.5, rng)
+    assert n_bad > 20
+    forms = {"long": 0, "other kind": 0}
+    for r, t in zip(records, truths):
+        row = {"scene": t["scene"], "asked": t["asked"]}
+        assert [n_right(a, row) for a in r["responses"]] == t["n_right"]
+        assert r["question"] == common.render_question(r["task"], r["kind"], r["prompt"], r["responses"], r["scale"])
+        for a in r["responses"]:
+            forms["long"] += len(a.split(", ")) > len(t["asked"])
+            forms["other kind"] += len(a.split(", ")) == len(t["asked"]) and any(
+                v not in prep.attrs_of(r["task"].split("_")[0])[k] for v, k in zip(a.split(", "), t["asked"]))
+    assert forms["long"] > 5 and forms["other kind"] > 5
+
+
+def test_held_out_answers_have_the_asked_form(toy, prep):
+    for r in common.read_jsonl(toy / "data" / "reward_test.jsonl"):
+        if r["task"].endswith("understanding"):
+            medium = r["task"].split("_")[0]
+            for a in r["responses"]:
+                assert len(a.split(", ")) == 2 and all(
+                    any(v in vals for vals in prep.attrs_of(medium).values()) for v in a.split(", "))

@@ -45,17 +45,17 @@ def category(task: str, kind: str, truth: dict, label=None, score=None) -> str:
 def fresh_examples(n: int, seed: int, data_dir: Path) -> tuple[list[dict], list[dict]]:
     """n unified records per task and kind with their media under data_dir, and their ground truths."""
     rng = np.random.default_rng([seed, 53])
-    writer = prep.MediaWriter(data_dir)
     records, truths = [], []
-    for task in common.TASKS:
-        medium = task.split("_")[0]
-        for kind in common.KINDS:
-            for i in range(n):
-                fields, media, truth = prep.judge_example(task, kind, rng)
-                rid = f"probe-{prep.TASK_CODE[task]}-{kind[:4]}-{i:05d}"
-                paths = [writer.write(m, f"media/{rid}_{k}.{prep.ext(medium)}") for k, m in enumerate(media)]
-                records.append(prep.toy_record(rid, task, kind, paths, fields))
-                truths.append(truth)
+    with prep.MediaWriter(data_dir) as writer:
+        for task in common.TASKS:
+            medium = task.split("_")[0]
+            for kind in common.KINDS:
+                for i in range(n):
+                    fields, media, truth = prep.judge_example(task, kind, rng)
+                    rid = f"probe-{prep.TASK_CODE[task]}-{kind[:4]}-{i:05d}"
+                    paths = [writer.write(m, f"media/{rid}_{k}.{prep.ext(medium)}") for k, m in enumerate(media)]
+                    records.append(prep.toy_record(rid, task, kind, paths, fields))
+                    truths.append(truth)
     return records, truths
 
 
