@@ -76,8 +76,8 @@ def rank_and_sift(n: int, first_wins, score):
     scored_r = [(as_key(score(i)), i) for i in rejected_list if score(i) is not None]
     if not scored_c or not scored_r:
         return None, None, chosen_list, rejected_list
-    best = max(scored_c, key=lambda t: (t[0], -t[1]))      # highest score, first index on ties
-    worst = min(scored_r, key=lambda t: (t[0], t[1]))      # lowest score, first index on ties
+    best = max(scored_c, key=lambda t: (t[0], -t[1]))      # highest score (then expected), first index on ties
+    worst = min(scored_r, key=lambda t: (t[0], t[1]))      # lowest score (then expected), first index on ties
     if not best[0][0] > worst[0][0] + SCORE_TOLERANCE:      # the strict filter: numbers, not strings
         return None, None, chosen_list, rejected_list
     return best[1], worst[1], chosen_list, rejected_list
