@@ -5,15 +5,16 @@ Direct Preference Optimization (Rafailov et al. 2023) trains the policy directly
 
     loss = -log sigmoid( beta * [ (log pi(y_c|x) - log ref(y_c|x)) - (log pi(y_r|x) - log ref(y_r|x)) ] )
 
-UnifiedReward uses beta = 0.1 for VLM policies. log pi(y|x) is the sum of the answer-token log-probs.
-The reference log-probs are computed once, before training, and stored: no second model sits in
+UnifiedReward uses beta = 0.1 for VLM policies; this toy uses 0.5, which keeps the policy nearer the
+reference for the same margin: at 0.1 the picture gain varied from +3 to +12.5 points with the seed.
+log pi(y|x) is the sum of the answer-token log-probs. The reference log-probs are computed once, before training, and stored: no second model sits in
 memory while training.
 
 Added to it, with weight `sft_weight`: the chosen answer's negative log-likelihood per token,
 -log pi(y_c|x) / |y_c| (RPO, Pang et al. 2024; Llama 3 does the same). DPO alone lets both answers'
 likelihoods fall as long as their gap widens. Measured on the toy pairs: 6 epochs of plain DPO took the
 policy's answers from 89.0% to 63.0% right on pictures and from 60.5% to 47.0% on clips, with doubled
-words ("yellowyellow, large"); with the term, 16 epochs took them to 99.5% and 75.0% (README, results).
+words ("yellowyellow, large"); with the term, 16 epochs took them to 99.5% and 75.0% (README).
 
     python 04_dpo.py                      # toy: runs/toy/base + runs/toy/pairs/pairs.jsonl -> runs/toy/policy
 """
@@ -38,7 +39,7 @@ class Config:
     policy: str = "runs/toy/base"                  # starting policy, also the frozen reference
     out_dir: str = "runs/toy/policy"               # HF checkpoint of the aligned policy, log.jsonl
     loss: str = "sigmoid"                          # sigmoid (DPO) or ipo
-    beta: float = 0.1                              # DPO temperature (paper: 0.1 for VLMs)
+    beta: float = 0.5                              # DPO temperature (paper: 0.1 for VLMs; see the README)
     label_smoothing: float = 0.0                   # > 0: conservative DPO (assumes this share of labels flipped)
     sft_weight: float = 1.0                        # weight of the chosen answers' NLL added to the DPO loss (RPO)
     epochs: int = 16                               # passes over the pairs (about 400 steps on the toy pairs)
