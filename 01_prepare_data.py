@@ -203,8 +203,9 @@ def malform(answer: str, scene: dict, asked, medium: str, rng) -> str:
     """The answer in a wrong form, as sampled policy answers often are (the base also learnt to describe):
     a wrong slot takes a word of another kind ("red, small" to "what colour and where"), or an answer
     with nothing right gives the asked values, right or not, and then one that was not asked ("red, top,
-    large"). The grader checks the asked values in order, so the number right does not change: the
-    label and score stay valid. A fully right answer is returned as it is."""
+    large"). The number right, and so the label and score, stays valid: the other-kind word replaces a
+    value that was already wrong, and the grader (03's n_right) counts an answer with more values than
+    asked as 0 right, which the long form only ever replaces. A fully right answer is returned as it is."""
     values = answer.split(", ")
     wrong = [i for i, (v, a) in enumerate(zip(values, asked)) if v != scene[a]]
     if len(wrong) == len(asked) and rng.random() < 0.5:
@@ -286,8 +287,9 @@ class MediaWriter:
     """Writes pictures (png) and clips (mp4, read back with decord) under data/media/, and refuses to
     reuse pixels already written to another split, so train, test and policy prompts stay disjoint.
     A context manager: clips are encoded in a second process while this one draws the next examples
-    (encoding was 60% of the data's time), and leaving the `with` block waits for the last clip and
-    re-raises any error the encoder met."""
+    (encoding was 60% of the data's time). At most 64 clips wait in the queue; leaving the `with` block
+    waits for the last clip and re-raises any error the encoder met (after an error in the block itself,
+    the queued clips are dropped instead)."""
 
     def __init__(self, data_dir: Path):
         self.data_dir = data_dir
@@ -298,10 +300,13 @@ class MediaWriter:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        for job in self.pending:
-            job.result()
-        self.encoder.shutdown()
+    def __exit__(self, exc_type, *exc):
+        try:
+            if exc_type is None:
+                for job in self.pending:
+                    job.result()
+        finally:
+            self.encoder.shutdown(cancel_futures=exc_type is not None)
 
     def fresh(self, pixels: np.ndarray, split: str) -> bool:
         h = hashlib.sha1(pixels.tobytes()).hexdigest()
@@ -313,6 +318,8 @@ class MediaWriter:
         if pixels.ndim == 3:
             Image.fromarray(pixels).save(path)
         else:
+            if len(self.pending) >= 64:      # bound the pixels held in the queue
+                self.pending.pop(0).result()
             self.pending.append(self.encoder.submit(write_mp4, pixels, path))
         return rel
 
@@ -567,7 +574,7 @@ def grounding_targets(processor, shown_in_order) -> tuple[list[int], torch.Tenso
 
 def pretrain_base(cfg, corpus, out_dir: Path):
     """Build the tiny VLM and pretrain it on descriptions and questions (a plain loop; stage 02 has the
-    full-featured one). Deterministic for a given seed.
+    full-featured one). Deterministic for a given seed on CPU (bf16 kernels on CUDA are not).
 
     Besides the usual answer cross-entropy, a grounding loss asks the mean visual token of each medium
     to name the medium's attributes through the (tied) language-model head. Real VLMs come with visual

@@ -182,7 +182,7 @@ def contact_sheet(rows, data_dir, path, n=6) -> None:
             img = Image.fromarray(m.frames[len(m.frames) // 2]) if isinstance(m, common.Video) else m
             x, y = 4 + side * (cell + 4), 4 + k * (cell + pad)
             sheet.paste(img.resize((cell, cell)), (x, y))
-            draw.text((x, y + cell + 2), f"{key[:3]} {r[key + '_score']:.2f}", fill="black")
+            draw.text((x, y + cell + 2), f"{key[:3]} {r[key + '_score']:g}", fill="black")
     sheet.save(path)
 
 

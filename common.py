@@ -427,8 +427,8 @@ def load_model(name_or_path, device="cpu", train=False):
     Weights are fp32 on CPU. On CUDA they are bf16 for judging and sampling, but fp32 for training
     (`train=True`), with the math in bf16 under `autocast`: AdamW's steps at fine-tuning learning rates
     (1e-5 and below) are smaller than bf16's rounding step for a weight near 0.02 (about 1e-4), so
-    bf16 weights would barely move. A 3B model then needs about 48 GB for weights, gradients and
-    AdamW's moments, which one 80 GB GPU holds."""
+    bf16 weights would barely move. A 3B model then peaked at 60 GB on an H100 (README): fp32 weights,
+    gradients and AdamW's moments of the unfrozen part, activations. Checkpoints are saved in fp32."""
     from transformers import AutoModelForImageTextToText
     dtype = torch.bfloat16 if device == "cuda" and not train else torch.float32
     model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=dtype)

@@ -131,9 +131,13 @@ def test_rewritten_training_answers_keep_their_truth(prep):
 
 
 def test_held_out_answers_have_the_asked_form(toy, prep):
-    for r in common.read_jsonl(toy / "data" / "reward_test.jsonl"):
-        if r["task"].endswith("understanding"):
-            medium = r["task"].split("_")[0]
-            for a in r["responses"]:
-                assert len(a.split(", ")) == 2 and all(
-                    any(v in vals for vals in prep.attrs_of(medium).values()) for v in a.split(", "))
+    asked_by = {q: a for a, q in prep.QUESTIONS.items()}
+    for split, rewritten in (("test", False), ("train", True)):
+        odd = 0
+        for r in common.read_jsonl(toy / "data" / f"reward_{split}.jsonl"):
+            if r["task"].endswith("understanding"):
+                attrs = prep.attrs_of(r["task"].split("_")[0])
+                for a in r["responses"]:
+                    values = a.split(", ")
+                    odd += len(values) != 2 or any(v not in attrs[k] for v, k in zip(values, asked_by[r["prompt"]]))
+        assert (odd > 0) == rewritten, split      # rewritten answers in the training records only

@@ -73,7 +73,10 @@ def test_builds_pairs_and_reports(toy, tmp_path):
     for c in cands:
         assert len(c["scores"]) == 4 and all(isinstance(s, int) for s in c["scores"])      # written scores
         assert len(c["expected"]) == 4 and all(isinstance(s, float) for s in c["expected"])
+        lo, hi = (1, 5) if c["task"].endswith("generation") else (1, 3)
+        assert all(lo <= s <= hi for s in c["scores"])
         assert (c["chosen"] is None) == (c["id"] not in {p["id"] for p in kept})
+    assert any(s != round(s) for c in cands for s in c["expected"])    # expected, not written, scores
     for p in kept:
         assert p["chosen_score"] > p["rejected_score"]
     for p in common.read_jsonl(out / "gen_pairs.jsonl"):

@@ -33,6 +33,7 @@ def test_spearman_and_wilson_known_values():
     lo, hi = ev.wilson(5, 10)
     assert (lo, hi) == (pytest.approx(0.2366, abs=1e-4), pytest.approx(0.7634, abs=1e-4))
     assert ev.wilson(0, 20)[0] == pytest.approx(0.0, abs=1e-12)
+    assert ev.wilson(0, 20)[0] >= 0.0 and ev.wilson(20, 20)[1] <= 1.0      # clamped, never -0.0 or 1.0000001
 
 
 def test_pointwise_metrics_by_hand():
