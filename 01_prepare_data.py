@@ -214,8 +214,7 @@ def malform(answer: str, scene: dict, asked, medium: str, rng) -> str:
         values.append(scene[extra] if rng.random() < 0.5 else str(rng.choice(attrs_of(medium)[extra])))
     elif wrong:
         k = int(rng.choice(wrong))
-        words = {v for attrs in (IMAGE_ATTRS, VIDEO_ATTRS) for vals in attrs.values() for v in vals}
-        values[k] = str(rng.choice(sorted((words | set(DEFECT_WORDS.values())) - set(attrs_of(medium)[asked[k]]))))
+        values[k] = str(rng.choice([w for w in WORDS if w not in attrs_of(medium)[asked[k]]]))
     return ", ".join(values)
 
 
@@ -492,6 +491,9 @@ def caption_check(medium: str, scene: dict, rng, subject: str = "it") -> tuple[s
 
 
 DEFECT_WORDS = {"noise": "noisy", "blur": "blurry"}
+# every word the world's attributes and defects are named with (each one token: see grounding_targets)
+WORDS = sorted({w for attrs in (IMAGE_ATTRS, VIDEO_ATTRS) for vals in attrs.values() for v in vals
+                for w in v.split()} | set(DEFECT_WORDS.values()))
 VERIFY = {"colour": "Is the square {}?", "position": "Is the square {}?", "size": "Is the square {}?",
           "direction": "Does the square move {}?"}
 
@@ -561,14 +563,12 @@ class VisualTokens:
 def grounding_targets(processor, shown_in_order) -> tuple[list[int], torch.Tensor]:
     """Multi-hot targets over the attribute words for each medium: (attribute token ids, (n, K) 0/1).
     shown_in_order: per medium, the words it shows ("red top small noisy")."""
-    words = sorted({w for attrs in (IMAGE_ATTRS, VIDEO_ATTRS) for vals in attrs.values() for v in vals
-                    for w in v.split()} | set(DEFECT_WORDS.values()))
     ids = []
-    for w in words:
+    for w in WORDS:
         tok = processor.tokenizer(" " + w, add_special_tokens=False)["input_ids"]
         assert len(tok) == 1, f"attribute word {w!r} is not one token"
         ids.append(tok[0])
-    target = torch.tensor([[float(w in shown.split()) for w in words] for shown in shown_in_order])
+    target = torch.tensor([[float(w in shown.split()) for w in WORDS] for shown in shown_in_order])
     return ids, target
 
 
@@ -596,7 +596,8 @@ def pretrain_base(cfg, corpus, out_dir: Path):
             group["lr"] = common.lr_at(step, cfg.base_steps, cfg.base_lr, 100)
         examples = [base_example(rng, cfg.base_qa_share, cfg.base_verify_share, cfg.base_multi_share)
                     for _ in range(cfg.base_batch)]
-        encoded = [common.encode(processor, [as_media(m, px) for px in pixels], q, a) for m, pixels, q, a, _ in examples]
+        encoded = [common.encode(processor, [as_media(m, px) for px in pixels], q, a)
+                   for m, pixels, q, a, _ in examples]
         batch = common.to_device(common.collate(encoded, pad), device)
         shown = [w for kind in ("image", "video") for e in examples if e[0] == kind for w in e[4]]
         ids, target = grounding_targets(processor, shown)

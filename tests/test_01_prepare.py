@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import common
+from conftest import stage
 
 
 def files_digest(folder: Path) -> dict:
@@ -106,8 +107,7 @@ def test_two_media_examples_ask_about_the_labelled_one(prep):
 def test_rewritten_training_answers_keep_their_truth(prep):
     """Answers rewritten in a wrong form stay exactly as right as their label and score say, by the
     grader 03 uses."""
-    import importlib
-    n_right = importlib.import_module("03_build_pairs").n_right
+    n_right = stage("03_build_pairs").n_right
     rng = np.random.default_rng(3)
     records, truths = [], []
     for task in ("image_understanding", "video_understanding"):
