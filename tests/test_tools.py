@@ -52,7 +52,19 @@ def test_probe_runs_on_a_checkpoint(toy):
                           "--n", "6"], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     rows = [line for line in out.stdout.splitlines() if line.startswith("| ")]
-    assert len(rows) == 7   # header + 3 image + 3 video attributes
+    assert len(rows) == 9   # header + 3 image + 3 video attributes + quality of each medium
+
+
+def test_probe_quality_rows_want_the_defect_named():
+    pb = probe()
+    items = pb.quality_items(12, seed=0)
+    assert {it["truth"]["quality"] for it in items} == {"clean", "noisy", "blurry"}
+    named = [("a red square, " + it["truth"]["quality"]) if it["truth"]["quality"] != "clean" else "a red square"
+             for it in items]
+    assert set(pb.score(items, named).values()) == {1.0}
+    never = pb.score(items, ["a red square"] * len(items))   # never naming a defect: right on clean ones only
+    assert never[("image", "quality", "describe")] == never[("video", "quality", "describe")] == 1 / 3
+    assert pb.score(items, ["a red square, noisy"] * len(items))[("image", "quality", "describe")] == 1 / 3
 
 
 def breakdown_tool():

@@ -6,6 +6,8 @@ on fresh toy scenes drawn from their own random stream:
 
   describe  "Describe the picture." -> is the attribute's true value in the greedy description?
   check     "Is the square red?"    -> is the greedy yes/no right? (half the questions want "no")
+  quality   "Describe the picture." of a clean, noisy or blurry scene -> does the description name the
+            defect (", noisy"), or none for a clean one? (No yes/no check: the base is not asked one.)
 
 A model that describes well but checks at chance (50%) lacks the comparison, which is what the judge
 has to learn on top. It takes about a minute on a CPU, against ten for a judge run.
@@ -50,6 +52,22 @@ def probe_items(n: int, seed: int) -> list[dict]:
     return items
 
 
+def quality_items(n: int, seed: int) -> list[dict]:
+    """n scenes (alternately image and clip) to describe, a third each clean, noisy and blurry, from a
+    stream of their own (so the rows above stay the same). Their truth is {"quality": clean|noisy|blurry}:
+    the base's descriptions name a defect (", noisy"), and a judge must see one to rank generated media."""
+    rng = np.random.default_rng([seed, 37])
+    items = []
+    for i in range(n):
+        medium = "image" if i % 2 == 0 else "video"
+        defect = (None, *prep.DEFECTS)[i // 2 % 3]
+        pixels = prep.render(medium, prep.sample_scene(medium, rng), defect, rng)
+        items.append({"medium": medium, "attr": None, "kind": "describe", "media": [prep.as_media(medium, pixels)],
+                      "question": prep.DESCRIBE[medium],
+                      "truth": {"quality": prep.DEFECT_WORDS[defect] if defect else "clean"}})
+    return items
+
+
 def score(items: list[dict], outputs: list[str]) -> dict:
     """Share right per (medium, attribute, kind). A description is right when it contains the value as
     whole words ("left" is not found in "top lefter"); a check when the answer is exactly yes/no right."""
@@ -58,7 +76,10 @@ def score(items: list[dict], outputs: list[str]) -> dict:
         if it["kind"] == "describe":
             words = f" {out.replace(',', ' ').strip()} "
             for attr, value in it["truth"].items():
-                hits[(it["medium"], attr, "describe")].append(f" {value} " in words)
+                if value == "clean":   # right when no defect is named
+                    hits[(it["medium"], attr, "describe")].append(not any(f" {w} " in words for w in prep.DEFECT_WORDS.values()))
+                else:
+                    hits[(it["medium"], attr, "describe")].append(f" {value} " in words)
         else:
             hits[(it["medium"], it["attr"], "check")].append(out.strip() == it["truth"])
     return {k: sum(v) / len(v) for k, v in hits.items()}
@@ -67,8 +88,9 @@ def score(items: list[dict], outputs: list[str]) -> dict:
 def table(acc: dict) -> str:
     lines = ["| medium | attribute | describe | check (yes/no) |", "|---|---|---|---|"]
     for medium, attr in dict.fromkeys((m, a) for m, a, _ in acc):
+        check = acc.get((medium, attr, "check"))
         lines.append(f"| {medium} | {attr} | {acc[(medium, attr, 'describe')]:.0%} | "
-                     f"{acc[(medium, attr, 'check')]:.0%} |")
+                     + ("-" if check is None else f"{check:.0%}") + " |")
     return "\n".join(lines)
 
 
@@ -82,7 +104,7 @@ def main():
     device = common.get_device()
     model = common.load_model(a.model, device).eval()
     processor = common.load_processor(a.model)
-    items = probe_items(a.n, a.seed)
+    items = probe_items(a.n, a.seed) + quality_items(a.n, a.seed)
     with torch.no_grad():
         outputs = [o[0] for o in common.generate(model, processor, [(it["media"], it["question"]) for it in items],
                                                  device, max_new_tokens=16, batch_size=48)]
