@@ -48,6 +48,9 @@ class Config:
     eval_size: int = 32               # test records per task and kind in periodic evals (0 = all; the final one uses all)
     seed: int = 0                     # seeds data order and initialisation of anything random
     resume: bool = False              # continue from the checkpoint in out_dir
+    swap: bool = True                 # show each pairwise example in a random order, verdict flipped to match: the
+                                      # toy judge ranked generation pairs by where the square is at 55-58% without,
+                                      # 86-87% with (README, "Swap the pairs")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,6 +108,23 @@ def decisive_tokens(tokenizer, record) -> tuple[int, int, int] | None:
 # ---------------------------------------------------------------------------------------------
 # data
 
+def swapped_pair(record: dict) -> dict | None:
+    """The pairwise record with its two candidates in the other order and the verdict flipped, or None
+    when its text was not written by our templates (released answers that reason about "Image 1" by
+    name cannot be flipped). Media stay paths: `_encoded` reverses them for generation pairs."""
+    if record["kind"] != "pairwise" or record.get("label") not in (0, 1, 2) or not record.get("prompt"):
+        return None
+    task, responses = record["task"], record.get("responses") or []
+    if (record["question"] != common.render_question(task, "pairwise", record["prompt"], responses)
+            or record["answer"] != common.render_answer(task, "pairwise", label=record["label"])):
+        return None
+    out, _ = common.swapped(record, record["media"])
+    label = {0: 0, 1: 2, 2: 1}[record["label"]]
+    return {**out, "label": label, "media": record["media"][::-1] if task.endswith("generation") else record["media"],
+            "question": common.render_question(task, "pairwise", out["prompt"], out.get("responses") or []),
+            "answer": common.render_answer(task, "pairwise", label=label)}
+
+
 def load_records(cfg, split: str, skips: common.SkipLog) -> list[dict]:
     """Read and check reward_{split}.jsonl; unusable records are skipped, counted and named."""
     path = Path(cfg.data_dir) / f"reward_{split}.jsonl"
@@ -126,7 +146,7 @@ class Batches:
         self.records, self.processor, self.cfg, self.skips = records, processor, cfg, skips
         self.rng = random.Random(seed)
         self.order, self.pos, self.bad = [], 0, set()
-        self.cache: dict[int, tuple] = {}   # record index -> (encoded example, decisive position)
+        self.cache: dict[tuple, tuple] = {}   # (record index, swapped) -> (encoded example, decisive position)
 
     def state(self) -> dict:
         return {"rng": self.rng.getstate(), "order": self.order, "pos": self.pos, "bad": sorted(self.bad)}
@@ -146,13 +166,13 @@ class Batches:
             if i not in self.bad:
                 return i
 
-    def _encoded(self, i: int) -> tuple[dict, tuple | None]:
-        """(encoded example, decisive (position, right token, wrong token) or None) of record i.
-        Decoding and processing media costs about a third of a toy training step, so with `cache` it
-        is done once per record. Raises MediaError or TooLong."""
-        if i in self.cache:
-            return self.cache[i]
-        r = self.records[i]
+    def _encoded(self, i: int, swap: bool = False) -> tuple[dict, tuple | None]:
+        """(encoded example, decisive (position, right token, wrong token) or None) of record i, or of
+        its swapped pair. Decoding and processing media costs about a third of a toy training step, so
+        with `cache` it is done once per record and order. Raises MediaError or TooLong."""
+        if (i, swap) in self.cache:
+            return self.cache[(i, swap)]
+        r = swapped_pair(self.records[i]) if swap else self.records[i]
         media = common.load_media(r["media"], self.cfg.data_dir)
         # train on the record's own question: rendered by 01 for the toy, verbatim for released data
         e = common.encode(self.processor, media, r["question"], r["answer"], self.cfg.max_len)
@@ -160,7 +180,7 @@ class Batches:
         prompt_len = int((~e["answer_mask"]).sum())
         entry = (e, None if d is None else (prompt_len + d[0] - 1, d[1], d[2]))
         if self.cfg.cache:
-            self.cache[i] = entry
+            self.cache[(i, swap)] = entry
         return entry
 
     def next(self):
@@ -170,8 +190,10 @@ class Batches:
             if len(self.bad) == len(self.records):
                 raise RuntimeError(f"every training record was skipped; see {self.skips.path}")
             i = self._next_record()
+            swap = self.cfg.swap and self.records[i]["kind"] == "pairwise" and self.rng.random() < 0.5 \
+                and swapped_pair(self.records[i]) is not None
             try:
-                e, d = self._encoded(i)
+                e, d = self._encoded(i, swap)
             except (common.MediaError, common.TooLong) as err:
                 self.bad.add(i)
                 self.skips.add(Path(self.cfg.data_dir) / "reward_train.jsonl", self.records[i]["id"], str(err))

@@ -179,7 +179,45 @@ def test_cached_batches_equal_fresh_ones(toy, tmp_path):
         (a, ka, da), (b, kb, db) = cached.next(), fresh.next()
         assert ka == kb and da == db and a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a)
-    assert len(cached.cache) == 6 and not fresh.cache
+    assert {i for i, _ in cached.cache} == set(range(6)) and not fresh.cache
+
+
+def test_swapped_pair_flips_order_and_verdict(toy):
+    records = common.read_jsonl(toy / "data" / "reward_train.jsonl")
+    gen = next(r for r in records if r["task"] == "image_generation" and r["kind"] == "pairwise" and r["label"])
+    s = train.swapped_pair(gen)
+    assert s["media"] == gen["media"][::-1] and s["label"] == 3 - gen["label"] and s["question"] == gen["question"]
+    assert s["answer"] == common.render_answer("image_generation", "pairwise", label=3 - gen["label"])
+    assert train.swapped_pair(s) == gen                 # swapping twice is the identity
+    und = next(r for r in records if r["task"] == "video_understanding" and r["kind"] == "pairwise")
+    s = train.swapped_pair(und)
+    a, b = und["responses"]
+    assert s["media"] == und["media"] and s["responses"] == [b, a] and s["label"] == 3 - und["label"]
+    assert f"Answer 1: {b}\nAnswer 2: {a}" in s["question"] and s["answer"] == f"Answer {3 - und['label']} is better."
+    tie = next(r for r in records if r["kind"] == "pairwise" and r["label"] == 0)
+    assert train.swapped_pair(tie)["label"] == 0 and train.swapped_pair(tie)["answer"] == tie["answer"]
+    # released text we did not render (a reasoned verdict) cannot be flipped; single items have no order
+    assert train.swapped_pair({**gen, "answer": "Image 1 shows it. " + gen["answer"]}) is None
+    assert train.swapped_pair(next(r for r in records if r["kind"] == "pointwise")) is None
+
+
+def test_batches_show_pairs_in_both_orders(toy, tmp_path):
+    recs = [r for r in common.read_jsonl(toy / "data" / "reward_train.jsonl") if r["kind"] == "pairwise"][:4]
+    data = small_data(toy, tmp_path, recs)
+    processor = common.load_processor(toy / "base")
+    batches = train.Batches(recs, processor, config(toy, tmp_path, data, batch_size=4), common.SkipLog(tmp_path / "s"), 0)
+    for _ in range(6):
+        batches.next()
+    assert {(i, swap) for i in range(4) for swap in (False, True)} == set(batches.cache)
+    for (i, swap), (e, _) in batches.cache.items():   # the answer trained on is the flipped verdict
+        want = train.swapped_pair(recs[i])["answer"] if swap else recs[i]["answer"]
+        answer = processor.tokenizer.decode(e["input_ids"][e["answer_mask"]])
+        assert answer.startswith(want), (answer, want)
+    unswapped = train.Batches(recs, processor, config(toy, tmp_path, data, batch_size=4, swap=False),
+                              common.SkipLog(tmp_path / "s"), 0)
+    for _ in range(6):
+        unswapped.next()
+    assert not any(swap for _, swap in unswapped.cache)
 
 
 def test_frozen_vision_tower_stays_put(toy, tmp_path):
