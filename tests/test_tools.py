@@ -89,8 +89,18 @@ def test_breakdown_groups_by_ground_truth():
                {"task": "image_generation", "kind": "pointwise", "label": None, "score": 3}]
     truths = [pair(cand([]), cand(["colour"])), pair(cand(["colour"]), cand([])), pair(cand([]), cand([])), {}]
     preds = [{"p": [0.7, 0.2, 0.1]}, {"p": [0.6, 0.3, 0.1]}, {"p": [0.3, 0.3, 0.4]}, {"score": 3}]
+    for r, rid in zip(records, "abcd"):
+        r["id"] = rid
     assert jb.breakdown(records, truths, preds) == {
-        ("image_generation", "pairwise", "colour"): (1, 2), ("image_generation", "pointwise", "true score 3"): (1, 1)}
+        ("image_generation", "pairwise", "colour"): (1, 2, None),
+        ("image_generation", "pointwise", "true score 3"): (1, 1, None)}
+    # ranked by the two single-item scores: pair a wants the first (4.0 > 2.0: right), b the second (3 > 1: wrong)
+    singles = {"a": (4.0, 2.0), "b": (3.0, 1.0), "c": (2.0, 2.0)}
+    assert jb.breakdown(records, truths, preds, singles)[("image_generation", "pairwise", "colour")] == (1, 2, 1)
+    two = jb.single_items({"id": "p", "task": "video_generation", "kind": "pairwise", "prompt": "a red square",
+                           "media": ["x.mp4", "y.mp4"], "label": 1, "responses": []})
+    assert [(s["id"], s["kind"], s["media"], s["scale"]) for s in two] == [
+        ("p-0", "pointwise", ["x.mp4"], [1, 5]), ("p-1", "pointwise", ["y.mp4"], [1, 5])]
 
 
 def test_breakdown_runs_on_a_checkpoint(toy):

@@ -10,6 +10,10 @@ pixels go to a scratch folder), judges them exactly as 02 does, and groups the r
   understanding pairs  by the two attributes the question asks for
   single items         by the true score
 
+For generation pairs it also ranks the two candidates by their single-item scores (each judged alone,
+"Rate the image from 1 to 5."): where that column is right and the pairwise verdict is not, the judge
+can check each candidate but has not learnt to compare two at once.
+
     python tools/judge_breakdown.py                              # runs/toy/reward, 150 per format
     python tools/judge_breakdown.py --model runs/toy/base --n 40
 """
@@ -59,10 +63,17 @@ def fresh_examples(n: int, seed: int, data_dir: Path) -> tuple[list[dict], list[
     return records, truths
 
 
-def breakdown(records: list[dict], truths: list[dict], preds: list[dict]) -> dict:
-    """{(task, kind, group): (right, n)}. Pairs are a forced choice between the two (ties left out,
-    as in 02's "pair diff"); single items are right when the most likely score is the true one."""
-    counts = collections.defaultdict(lambda: [0, 0])
+def single_items(pair: dict) -> list[dict]:
+    """The two candidates of a generation pair as two pointwise records (same caption, 1-5 scale)."""
+    return [{**pair, "id": f"{pair['id']}-{k}", "kind": "pointwise", "media": [m], "label": None,
+             "score": None, "scale": list(prep.GEN_SCALE)} for k, m in enumerate(pair["media"])]
+
+
+def breakdown(records: list[dict], truths: list[dict], preds: list[dict], singles: dict | None = None) -> dict:
+    """{(task, kind, group): (right, n, right by single-item scores or None)}. Pairs are a forced choice
+    between the two (ties left out, as in 02's "pair diff"); single items are right when the most likely
+    score is the true one. singles: {pair id: (expected score of the first, of the second)}."""
+    counts = collections.defaultdict(lambda: [0, 0, None])
     for r, t, p in zip(records, truths, preds):
         if r["kind"] == "pairwise":
             if r["label"] == 0:
@@ -73,13 +84,18 @@ def breakdown(records: list[dict], truths: list[dict], preds: list[dict]) -> dic
         c = counts[(r["task"], r["kind"], category(r["task"], r["kind"], t, r["label"], r["score"]))]
         c[0] += int(right)
         c[1] += 1
+        if singles and r["id"] in singles:
+            first, second = singles[r["id"]]
+            c[2] = (c[2] or 0) + int((1 if first > second else 2) == r["label"])
     return {k: tuple(v) for k, v in sorted(counts.items())}
 
 
 def table(counts: dict) -> str:
-    lines = ["| task | kind | group | right |", "|---|---|---|---|"]
-    for (task, kind, group), (right, n) in counts.items():
-        lines.append(f"| {task} | {kind} | {group} | {right}/{n} = {right / n:.0%} |")
+    lines = ["| task | kind | group | right | right by two single-item scores |", "|---|---|---|---|---|"]
+    share = lambda right, n: f"{right}/{n} = {right / n:.0%}"
+    for (task, kind, group), (right, n, by_singles) in counts.items():
+        lines.append(f"| {task} | {kind} | {group} | {share(right, n)} | "
+                     f"{'' if by_singles is None else share(by_singles, n)} |")
     return "\n".join(lines)
 
 
@@ -96,7 +112,10 @@ def main():
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
         records, truths = fresh_examples(a.n, a.seed, Path(tmp))
         preds = common.judge_records(model, processor, records, tmp, device)
-    print(table(breakdown(records, truths, preds)))
+        pairs = [r for r in records if r["task"].endswith("generation") and r["kind"] == "pairwise"]
+        alone = common.judge_records(model, processor, [s for r in pairs for s in single_items(r)], tmp, device)
+        singles = {r["id"]: (a["expected"], b["expected"]) for r, a, b in zip(pairs, alone[::2], alone[1::2])}
+    print(table(breakdown(records, truths, preds, singles)))
 
 
 if __name__ == "__main__":
