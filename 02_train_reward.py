@@ -109,19 +109,22 @@ def decisive_tokens(tokenizer, record) -> tuple[int, int, int] | None:
 # data
 
 def swapped_pair(record: dict) -> dict | None:
-    """The pairwise record with its two candidates in the other order and the verdict flipped, or None
-    when its text was not written by our templates (released answers that reason about "Image 1" by
-    name cannot be flipped). Media stay paths: `_encoded` reverses them for generation pairs."""
+    """The pairwise record with its two candidates in the other order and the verdict flipped: media
+    reversed for generation, answers for understanding. None when the record's question and answer are
+    not exactly what the short template renders from its fields (the toy's are): released text, such as
+    a verdict that reasons about "Image 1" by name, cannot be flipped."""
     if record["kind"] != "pairwise" or record.get("label") not in (0, 1, 2) or not record.get("prompt"):
         return None
     task, responses = record["task"], record.get("responses") or []
     if (record["question"] != common.render_question(task, "pairwise", record["prompt"], responses)
             or record["answer"] != common.render_answer(task, "pairwise", label=record["label"])):
         return None
-    out, _ = common.swapped(record, record["media"])
+    generation = task.endswith("generation")
+    media = record["media"][::-1] if generation else record["media"]
+    responses = responses if generation else responses[::-1]
     label = {0: 0, 1: 2, 2: 1}[record["label"]]
-    return {**out, "label": label, "media": record["media"][::-1] if task.endswith("generation") else record["media"],
-            "question": common.render_question(task, "pairwise", out["prompt"], out.get("responses") or []),
+    return {**record, "media": media, "responses": responses, "label": label,
+            "question": common.render_question(task, "pairwise", record["prompt"], responses),
             "answer": common.render_answer(task, "pairwise", label=label)}
 
 
