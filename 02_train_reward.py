@@ -30,7 +30,7 @@ class Config:
     base: str = "runs/toy/base"       # checkpoint to start from: hub id or local folder (any Qwen2.5-VL)
     out_dir: str = "runs/toy/reward"  # judge checkpoint, log.jsonl, skipped.jsonl
     template: str = "short"           # wording for judging held-out records (both orders): short or paper
-    steps: int = 3000                 # optimizer steps (01 + 02 took 12.2 minutes on 2 CPU cores: README, Results)
+    steps: int = 3000                 # optimizer steps (01 + 02 took 11.7 minutes on 2 CPU cores: README, Results)
     batch_size: int = 8               # examples per micro-batch (8 escaped the plateau sooner in wall time than 16)
     grad_accum: int = 1               # micro-batches per optimizer step
     lr: float = 3e-4                  # peak learning rate (AdamW); ~1e-5 for a 3B model. The tiny judge reuses
@@ -48,9 +48,9 @@ class Config:
     eval_size: int = 32               # test records per task and kind in periodic evals (0 = all; the final one uses all)
     seed: int = 0                     # seeds data order and initialisation of anything random
     resume: bool = False              # continue from the checkpoint in out_dir
-    swap: bool = True                 # show each pairwise example in a random order, verdict flipped to match: the
-                                      # toy judge ranked generation pairs by where the square is at 55-58% without,
-                                      # 86-87% with (README, "Swap the pairs")
+    swap: bool = False                # show each pairwise example in a random order, verdict flipped to match. Off:
+                                      # on the toy it helped one seed of 02 and hurt another, by more than it
+                                      # helped (README, "Pairs in both orders")
 
 
 # ---------------------------------------------------------------------------------------------
