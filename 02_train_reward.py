@@ -49,8 +49,8 @@ class Config:
     seed: int = 0                     # seeds data order and initialisation of anything random
     resume: bool = False              # continue from the checkpoint in out_dir
     swap: bool = False                # show each pairwise example in a random order, verdict flipped to match. Off:
-                                      # on the toy it helped one seed of 02 and hurt another, by more than it
-                                      # helped (README, "Pairs in both orders")
+                                      # on the toy it helped one of three seeds of 02 and hurt the other two
+                                      # (README, "Pairs in both orders")
 
 
 # ---------------------------------------------------------------------------------------------
