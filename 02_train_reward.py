@@ -150,6 +150,8 @@ class Batches:
         self.rng = random.Random(seed)
         self.order, self.pos, self.bad = [], 0, set()
         self.cache: dict[tuple, tuple] = {}   # (record index, swapped) -> (encoded example, decisive position)
+        # the pairs `--swap` may show in the other order (decided once: the check renders the record's text)
+        self.swappable = {i for i, r in enumerate(records) if swapped_pair(r)} if cfg.swap else set()
 
     def state(self) -> dict:
         return {"rng": self.rng.getstate(), "order": self.order, "pos": self.pos, "bad": sorted(self.bad)}
@@ -193,8 +195,7 @@ class Batches:
             if len(self.bad) == len(self.records):
                 raise RuntimeError(f"every training record was skipped; see {self.skips.path}")
             i = self._next_record()
-            swap = self.cfg.swap and self.records[i]["kind"] == "pairwise" and self.rng.random() < 0.5 \
-                and swapped_pair(self.records[i]) is not None
+            swap = i in self.swappable and self.rng.random() < 0.5
             try:
                 e, d = self._encoded(i, swap)
             except (common.MediaError, common.TooLong) as err:

@@ -77,9 +77,10 @@ def score(items: list[dict], outputs: list[str]) -> dict:
             words = f" {out.replace(',', ' ').strip()} "
             for attr, value in it["truth"].items():
                 if value == "clean":   # right when no defect is named
-                    hits[(it["medium"], attr, "describe")].append(not any(f" {w} " in words for w in prep.DEFECT_WORDS.values()))
+                    right = not any(f" {w} " in words for w in prep.DEFECT_WORDS.values())
                 else:
-                    hits[(it["medium"], attr, "describe")].append(f" {value} " in words)
+                    right = f" {value} " in words
+                hits[(it["medium"], attr, "describe")].append(right)
         else:
             hits[(it["medium"], it["attr"], "check")].append(out.strip() == it["truth"])
     return {k: sum(v) / len(v) for k, v in hits.items()}
