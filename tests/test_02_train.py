@@ -182,6 +182,37 @@ def test_cached_batches_equal_fresh_ones(toy, tmp_path):
     assert len(cached.cache) == 6 and not fresh.cache
 
 
+def test_frozen_tower_features_train_the_same(toy, tmp_path):
+    """With the vision tower frozen, examples carry its output instead of pixels: the same loss and the
+    same gradients, the pixels gone from the cache, and the tower run once per example."""
+    recs = common.read_jsonl(toy / "data" / "reward_train.jsonl")[:6]
+    data = small_data(toy, tmp_path, recs)
+    processor = common.load_processor(toy / "base")
+    model = common.load_model(toy / "base", train=True)
+    model.model.visual.requires_grad_(False)
+    skips = common.SkipLog(tmp_path / "skipped.jsonl")
+    pixels = train.Batches(recs, processor, config(toy, tmp_path, data, batch_size=4), skips, seed=0)
+    tokens = train.Batches(recs, processor, config(toy, tmp_path, data, batch_size=4), skips, seed=0, frozen=model)
+    calls = {"n": 0}
+    model.model.visual.register_forward_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))
+    for i in range(4):                            # 16 draws of 6 records: the last two batches come from the cache
+        a, kinds, dec = pixels.next()
+        before = calls["n"]
+        b, _, _ = tokens.next()
+        assert (calls["n"] > before) == (i < 2)   # the tower runs only for examples seen the first time
+        assert "pixel_values" in a and "pixel_values" not in b and "image_embeds" in b
+        grads = []
+        for batch in (a, b):
+            before = calls["n"]
+            loss, _ = train.reward_loss(model, batch, kinds, dec, 0.0)
+            assert (calls["n"] > before) == (batch is a)     # with the tower's output given, it does not run
+            loss.backward()
+            grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
+            model.zero_grad()
+        assert all(torch.equal(x, y) for x, y in zip(*grads))
+    assert not any("pixel_values" in e or "pixel_values_videos" in e for e, _ in tokens.cache.values())
+
+
 def test_swapped_pair_flips_order_and_verdict(toy):
     records = common.read_jsonl(toy / "data" / "reward_train.jsonl")
     gen = next(r for r in records if r["task"] == "image_generation" and r["kind"] == "pairwise" and r["label"])
