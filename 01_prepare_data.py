@@ -596,8 +596,8 @@ def pretrain_base(cfg, corpus, out_dir: Path):
             group["lr"] = common.lr_at(step, cfg.base_steps, cfg.base_lr, 100)
         examples = [base_example(rng, cfg.base_qa_share, cfg.base_verify_share, cfg.base_multi_share)
                     for _ in range(cfg.base_batch)]
-        encoded = [common.encode(processor, [as_media(m, px) for px in pixels], q, a)
-                   for m, pixels, q, a, _ in examples]
+        encoded = common.encode_many(processor, [([as_media(m, px) for px in pixels], q, a)
+                                                 for m, pixels, q, a, _ in examples])
         batch = common.to_device(common.collate(encoded, pad), device)
         shown = [w for kind in ("image", "video") for e in examples if e[0] == kind for w in e[4]]
         ids, target = grounding_targets(processor, shown)

@@ -38,6 +38,25 @@ def test_tokenizer_and_processor_round_trip(tiny, tmp_path):
         assert len(processor.tokenizer(str(s), add_special_tokens=False)["input_ids"]) == 1
 
 
+def test_encode_many_equals_one_by_one(tiny):
+    """One processor call for several examples (base pretraining's batches) gives each example exactly
+    the tensors it gets alone: prompts of different lengths, images, clips, both, and no medium."""
+    _, processor = tiny
+    examples = [([image(), image((30, 30, 200))], "Which image fits the caption?", "Image 1 is better than Image 2."),
+                ([video()], "What moves?", "a green square"),
+                ([image(), video()], "Describe both.", None),
+                ([], "Say hi.", "hi"),
+                ([video(), video()], "Same?", "no")]
+    together = common.encode_many(processor, examples)
+    for (media, q, a), e in zip(examples, together):
+        alone = common.encode_many(processor, [(media, q, a)])[0]
+        assert e.keys() == alone.keys() and all(torch.equal(e[k], alone[k]) for k in e)
+    assert "pixel_values" in together[2] and "pixel_values_videos" in together[2]
+    assert together[4]["video_grid_thw"].shape == (2, 3) and "pixel_values" not in together[4]
+    with pytest.raises(common.TooLong):
+        common.encode_many(processor, examples, max_len=40)
+
+
 def test_mm_token_type_ids_marked_and_padded(tiny):
     model, processor = tiny
     tok = processor.tokenizer
