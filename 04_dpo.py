@@ -81,8 +81,8 @@ def dpo_loss(pi_c, pi_r, ref_c, ref_r, beta=0.1, label_smoothing=0.0, kind="sigm
 def pair_logps(model, processor, pairs, media, max_len):
     """Chosen and rejected of each pair in ONE concatenated forward: (B,), (B,) summed log-probs, and
     (B,) the number of answer tokens of each chosen."""
-    encs = [common.encode(processor, m, p["prompt"], p[side], max_len)
-            for side in ("chosen", "rejected") for p, m in zip(pairs, media)]
+    encs = common.encode_many(processor, [(m, p["prompt"], p[side])
+                                          for side in ("chosen", "rejected") for p, m in zip(pairs, media)], max_len)
     batch = common.to_device(common.collate(encs, processor.tokenizer.pad_token_id), model.device)
     with common.autocast(model.device.type):
         logps = common.answer_logps(model, batch)

@@ -732,14 +732,12 @@ def answer_probs(model, processor, prompts, answers: list[str], device, batch_si
     path = torch.tensor(path, dtype=torch.long)
     out = []
     for i in range(0, len(prompts), batch_size):
-        encs = []
-        for media, question in prompts[i:i + batch_size]:
-            e = encode(processor, media, question)
+        encs = encode_many(processor, [(media, question, None) for media, question in prompts[i:i + batch_size]])
+        for e in encs:
             e["prompt_len"] = len(e["input_ids"])
             e["input_ids"] = torch.cat([e["input_ids"], path])
             e["mm_token_type_ids"] = F.pad(e["mm_token_type_ids"], (0, len(path)))
             e["answer_mask"] = F.pad(e["answer_mask"], (0, len(path)))
-            encs.append(e)
         batch = to_device(collate(encs, processor.tokenizer.pad_token_id), device)
         with autocast(device):
             h = hidden_states(model, batch)                                     # (B, L, H)
@@ -822,7 +820,7 @@ def generate(model, processor, prompts, device, max_new_tokens=32, temperature=0
     rows = [p for p in prompts for _ in range(n)]
     texts = []
     for i in range(0, len(rows), batch_size):
-        encs = [encode(processor, m, q) for m, q in rows[i:i + batch_size]]
+        encs = encode_many(processor, [(m, q, None) for m, q in rows[i:i + batch_size]])
         batch = to_device(collate(encs, tok.pad_token_id, side="left"), device)
         with autocast(device):
             out = model.generate(**model_inputs(batch), max_new_tokens=max_new_tokens,
