@@ -586,7 +586,7 @@ def pretrain_base(cfg, corpus, out_dir: Path):
     model, processor = common.build_tiny_vlm(corpus, cfg.seed, dict(common.TINY, text_layers=cfg.text_layers))
     model.to(device)
     visual = VisualTokens(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.base_lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.base_lr, weight_decay=0.0, foreach=True)
     rng = np.random.default_rng([cfg.seed, 7])
     pad = processor.tokenizer.pad_token_id
     model.train()
@@ -607,7 +607,7 @@ def pretrain_base(cfg, corpus, out_dir: Path):
         ground = torch.nn.functional.binary_cross_entropy_with_logits(logits, target.to(device))
         loss = ce + cfg.base_ground * ground
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if (step + 1) % 250 == 0:

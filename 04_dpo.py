@@ -145,7 +145,7 @@ def main(cfg: Config) -> dict:
     hold, train = order[:n_hold], order[n_hold:]
     steps_per_epoch = max(1, len(train) // (cfg.batch_size * cfg.grad_accum))
     total = cfg.epochs * steps_per_epoch
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, foreach=True)
 
     step = 0
     if resuming:
@@ -201,7 +201,7 @@ def main(cfg: Config) -> dict:
             (loss / cfg.grad_accum).backward()
             for key, v in stats.items():
                 sums[key] = sums.get(key, 0.0) + v / cfg.grad_accum
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip, foreach=True)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
