@@ -105,7 +105,22 @@ def test_breakdown_groups_by_ground_truth():
 
 def test_breakdown_runs_on_a_checkpoint(toy):
     out = subprocess.run([sys.executable, str(ROOT / "tools/judge_breakdown.py"), "--model", str(toy / "base"),
-                          "--n", "2"], capture_output=True, text=True, cwd=ROOT)
+                          "--n", "2", "--clips", "3"], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
-    rows = [line for line in out.stdout.splitlines() if line.startswith("| ") and "/" in line]
+    groups, directions = out.stdout.split("\n\n")
+    rows = [line for line in groups.splitlines() if line.startswith("| ") and "/" in line]
     assert sum(int(r.split("|")[4].split("/")[1].split()[0]) for r in rows) >= 12   # 16 examples minus ties
+    assert sum(int(line.split("|")[2]) for line in directions.splitlines()[2:]) == 3   # every clip in a row
+
+
+def test_direction_table_counts_highest_and_full_marks():
+    jb = breakdown_tool()
+    records, media, truths = jb.direction_items(2, seed=0)
+    assert len(records) == len(media) == 8 and len(truths) == 2
+    assert [r["responses"][0].split(",")[0] for r in records[:4]] == list(jb.prep.DIRECTIONS)
+    assert media[0][0] is media[3][0] and media[0][0] is not media[4][0]     # four answers per clip
+    # two clips moving down: the first scored best on "up" with full marks on up and down, the second right
+    expected = [1.0, 1.2, 2.9, 2.8, 1.0, 1.1, 1.5, 2.9]
+    best = [1, 1, 3, 3, 1, 1, 2, 3]
+    rows = jb.direction_table(["down", "down"], expected, best).splitlines()
+    assert len(rows) == 3 and rows[2] == "| down | 2 | 0 / 0 | 0 / 0 | 1 / 1 | 1 / 2 |"

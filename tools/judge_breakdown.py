@@ -14,6 +14,10 @@ For generation pairs it also ranks the two candidates by their single-item score
 "Rate the image from 1 to 5."): where that column is right and the pairwise verdict is not, the judge
 can check each candidate but has not learnt to compare two at once.
 
+Last, clip directions: for fresh clips it scores the four answers "left/right/up/down, <true size>" to
+"Which way does the square move and how big is it?" and tabulates, per true direction, which answer
+scores highest and how often each gets full marks (the mistake behind 03's wrong clip-question pairs).
+
     python tools/judge_breakdown.py                              # runs/toy/reward, 150 per format
     python tools/judge_breakdown.py --model runs/toy/base --n 40
 """
@@ -99,10 +103,45 @@ def table(counts: dict) -> str:
     return "\n".join(lines)
 
 
+def direction_items(n: int, seed: int) -> tuple[list[dict], list, list[str]]:
+    """n fresh clips, each asked about with the four direction answers (true size): 4n pointwise records
+    (clip-major), their media, and the true direction of each clip."""
+    rng = np.random.default_rng([seed, 59])
+    records, media, truths = [], [], []
+    question = prep.QUESTIONS[("direction", "size")]
+    for _ in range(n):
+        scene = prep.sample_scene("video", rng)
+        clip = prep.as_media("video", prep.render("video", scene, None, rng))
+        truths.append(scene["direction"])
+        for d in prep.DIRECTIONS:
+            records.append({"task": "video_understanding", "kind": "pointwise", "prompt": question,
+                            "responses": [f"{d}, {scene['size']}"], "scale": list(prep.UND_SCALE)})
+            media.append([clip])
+    return records, media, truths
+
+
+def direction_table(truths: list[str], expected, best) -> str:
+    """expected, best: (4n,) expected and most likely scores of direction_items' records. Rows: true
+    direction; per answer, how often it scores highest, and how often it gets full marks."""
+    dirs, top = list(prep.DIRECTIONS), prep.UND_SCALE[1]
+    expected, best = torch.as_tensor(expected).view(-1, 4), torch.as_tensor(best).view(-1, 4)
+    lines = ["| true direction | clips | " + " | ".join(f"'{d}' highest / full marks" for d in dirs) + " |",
+             "|---|---|" + "---|" * len(dirs)]
+    for t in dirs:
+        rows = [i for i, x in enumerate(truths) if x == t]
+        if not rows:
+            continue
+        wins = collections.Counter(int(expected[i].argmax()) for i in rows)
+        full = [sum(int(best[i, j] == top) for i in rows) for j in range(len(dirs))]
+        lines.append(f"| {t} | {len(rows)} | " + " | ".join(f"{wins[j]} / {full[j]}" for j in range(len(dirs))) + " |")
+    return "\n".join(lines)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="runs/toy/reward", help="a toy judge (or base) checkpoint folder")
     ap.add_argument("--n", type=int, default=150, help="fresh examples per task and kind")
+    ap.add_argument("--clips", type=int, default=120, help="fresh clips for the direction table")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     common.set_seed(a.seed)
@@ -115,7 +154,11 @@ def main():
         pairs = [r for r in records if r["task"].endswith("generation") and r["kind"] == "pairwise"]
         alone = common.judge_records(model, processor, [s for r in pairs for s in single_items(r)], tmp, device)
         singles = {r["id"]: (a["expected"], b["expected"]) for r, a, b in zip(pairs, alone[::2], alone[1::2])}
+        d_records, d_media, d_truths = direction_items(a.clips, a.seed)
+        expected, best = common.judge_pointwise(model, processor, d_records, d_media, device)
     print(table(breakdown(records, truths, preds, singles)))
+    print()
+    print(direction_table(d_truths, expected, best))
 
 
 if __name__ == "__main__":
