@@ -1,4 +1,4 @@
-"""The diagnostic tools: the base-model probe (tools/probe_base.py) and the judge breakdown (tools/judge_breakdown.py)."""
+"""The diagnostic tools: the base-model probe, the judge breakdown and the step benchmark (tools/)."""
 import subprocess
 import sys
 
@@ -124,3 +124,12 @@ def test_direction_table_counts_highest_and_full_marks():
     best = [1, 1, 3, 3, 1, 1, 2, 3]
     rows = jb.direction_table(["down", "down"], expected, best).splitlines()
     assert len(rows) == 3 and rows[2] == "| down | 2 | 0 / 0 | 0 / 0 | 1 / 1 | 1 / 2 |"
+
+
+def test_bench_step_runs_both_variants(toy):
+    out = subprocess.run([sys.executable, str(ROOT / "tools/bench_step.py"), "--base", str(toy / "base"),
+                          "--data-dir", str(toy / "data"), "--blocks", "1", "--steps", "2"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    lines = [line for line in out.stdout.splitlines() if " ms, after " in line]
+    assert [line.split(":")[0] for line in lines] == ["judge step", "base step"]
