@@ -567,9 +567,10 @@ def encode(processor, media, question: str, answer: str | None = None, max_len: 
 
 
 def encode_many(processor, examples, max_len: int = 4096) -> list[dict]:
-    """`encode` for several (media, question, answer) examples through one processor call, with the
-    same tensors. The processor's fixed cost per call is most of a toy example's: 16 base-pretraining
-    examples took 34 ms one by one and 14 ms together. Raises TooLong if any example does not fit."""
+    """`encode` for a non-empty list of (media, question, answer) examples through one processor call,
+    with the same tensors. The processor's fixed cost per call is most of a toy example's: 16
+    base-pretraining examples took 34 ms one by one and 14 ms together. Raises TooLong if any example
+    does not fit (callers that skip one bad example retry one by one, as 02 does)."""
     prompts = [processor.apply_chat_template(build_messages(media, question), tokenize=False,
                                              add_generation_prompt=True, add_vision_id=True)
                for media, question, _ in examples]
