@@ -374,7 +374,7 @@ def main(cfg: Config) -> dict:
         optimizer.zero_grad(set_to_none=True)
         step += 1
         bar.update(1)
-        bar.set_postfix(loss=f"{stats_sum['loss']:.3f}")
+        bar.set_postfix(loss=f"{stats_sum['loss']:.3f}", refresh=False)   # redrawn every 2 s, not every step
         if step % cfg.eval_every == 0 or step == cfg.steps:
             # periodic evaluations use a fixed subsample; the last one, the whole held-out set (the report)
             metrics = evaluate(test if step == cfg.steps else evalset)

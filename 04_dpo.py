@@ -206,7 +206,7 @@ def main(cfg: Config) -> dict:
         optimizer.zero_grad(set_to_none=True)
         step += 1
         bar.update(1)
-        bar.set_postfix(loss=f"{sums['loss']:.3f}", acc=f"{sums['reward_acc']:.2f}")
+        bar.set_postfix(loss=f"{sums['loss']:.3f}", acc=f"{sums['reward_acc']:.2f}", refresh=False)
         if step % steps_per_epoch == 0 or step == total:
             held = evaluate()
             common.append_jsonl(out / "log.jsonl", {"step": step, "time_s": round(time.time() - t0, 1), "train": sums,
