@@ -42,8 +42,7 @@ class Config:
     train_vision: bool = False        # also fine-tune the vision tower. Frozen (LLaMA-Factory's default too), steps are
                                       # 20% cheaper and the toy judge learns more per step (README, "Freeze the vision tower")
     cache: bool = True                # keep every encoded example in memory after its first use (with the tower
-                                      # frozen, its output instead of the pixels: 02's peak memory on the toy fell
-                                      # from 2.5 to 1.2 GB); turn off for large real sets
+                                      # frozen, its output, not the pixels: 1.2 GB peak on the toy); off for large sets
     max_len: int = 2048               # longest example in tokens; longer ones are skipped, never truncated
     eval_every: int = 1000            # steps between held-out evaluations (and checkpoints)
     eval_size: int = 32               # test records per task and kind in periodic evals (0 = all; the final one uses all)
@@ -324,8 +323,7 @@ def main(cfg: Config) -> dict:
     if not cfg.train_vision:
         model.model.visual.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
-    # foreach: each update is one call over all the weights instead of one per tensor (PyTorch's default
-    # on CUDA, not on CPU); the same numbers bit for bit, and fewer small calls
+    # foreach: one call over all the weights, not one per tensor (CUDA's default, not CPU's); same numbers
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
     batches = Batches(train, processor, cfg, skips, cfg.seed, frozen=None if cfg.train_vision else model, device=device)
     step = 0
@@ -391,8 +389,7 @@ def main(cfg: Config) -> dict:
             checkpoint()
     bar.close()
 
-    # final report on the whole held-out set (already measured at the last step, unless resumed there),
-    # and the no-pixels control
+    # the report on the whole held-out set (measured at the last step unless resumed there), the control
     metrics = final or evaluate(test)
     model.eval()
     control = no_pixels_control(model, processor, test, cfg, device, skips)
