@@ -30,11 +30,11 @@ class Config:
     base: str = "runs/toy/base"       # checkpoint to start from: hub id or local folder (any Qwen2.5-VL)
     out_dir: str = "runs/toy/reward"  # judge checkpoint, log.jsonl, skipped.jsonl
     template: str = "short"           # wording for judging held-out records (both orders): short or paper
-    steps: int = 3000                 # optimizer steps (01 + 02 took 9.6-10.8 minutes on 2 CPU cores: README, Results)
+    steps: int = 3000                 # optimizer steps (01 + 02 took 9.2-10.8 minutes on 2 CPU cores: README, Results)
     batch_size: int = 8               # examples per micro-batch (8 escaped the plateau sooner in wall time than 16)
     grad_accum: int = 1               # micro-batches per optimizer step
     lr: float = 5e-4                  # peak learning rate (AdamW); ~1e-5 for a 3B model. The tiny judge must reuse its
-                                      # base's checking: 5e-4 beat 3e-4 on three seeds, 7e-4 broke it on two of three (README)
+                                      # base's checking: 5e-4 beat 3e-4 on the mean of three seeds; 7e-4 broke 2 of 3 (README)
     warmup: int = 100                 # linear warmup steps, then cosine decay to 10%
     weight_decay: float = 0.0         # AdamW weight decay (0.1 slowed the tiny model down)
     clip: float = 1.0                 # gradient-norm clipping
