@@ -28,10 +28,11 @@ def prep():
 @pytest.fixture(scope="session")
 def toy(tmp_path_factory, prep):
     """A small toy world and a briefly pretrained base model under one folder: returns the folder.
-    (60 steps give the visual tokens enough contrast for the overfitting tests; 2 steps do not.)"""
+    (60 steps give the visual tokens enough contrast for the overfitting tests; 2 steps do not; 10 steps
+    of the second, quality phase run its code.)"""
     out = tmp_path_factory.mktemp("toy")
     cfg = prep.Config(out_dir=str(out), train_per_group=4, test_per_group=3, policy_train=4, policy_test=4,
-                      gen_prompts=2, gen_candidates=4, base_steps=60, base_batch=8)
+                      gen_prompts=2, gen_candidates=4, base_steps=60, quality_steps=10, base_batch=8)
     prep.main(cfg)
     return out
 

@@ -141,3 +141,18 @@ def test_held_out_answers_have_the_asked_form(toy, prep):
                     values = a.split(", ")
                     odd += len(values) != 2 or any(v not in attrs[k] for v, k in zip(values, asked_by[r["prompt"]]))
         assert (odd > 0) == rewritten, split      # rewritten answers in the training records only
+
+
+def test_defect_strength_changes_pixels_not_the_random_stream(prep):
+    """The base's first phase renders milder defects than the world's. Only the defective pixels may
+    differ: the random stream must advance the same, so the first phase draws the very examples it was
+    tuned on, and clean media are identical."""
+    scene = {"colour": "red", "direction": "up", "size": "large"}
+    for defect in (None, "noise", "blur"):
+        rngs = [np.random.default_rng(3), np.random.default_rng(3)]
+        mild, world = (prep.render("video", scene, defect, r, s) for r, s in zip(rngs, ("mild", "world")))
+        assert rngs[0].random() == rngs[1].random()
+        assert np.array_equal(mild, world) == (defect is None)
+        if defect == "noise":   # the world's noise is stronger
+            clean = prep.render("video", scene, None, np.random.default_rng(3))
+            assert np.abs(world.astype(int) - clean).mean() > np.abs(mild.astype(int) - clean).mean()
