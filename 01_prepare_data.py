@@ -599,7 +599,7 @@ def pretrain_base(cfg, corpus, out_dir: Path):
     # defects than the world's. Then the same mix with the world's defects in half the media instead of
     # 30%, at a lower rate. Each phase has its own optimizer, schedule and random stream.
     # The general phase alone never learnt to see defects (quality-only pairs at chance for every judge).
-    # The second phase teaches them and sharpens the checks (README, "Quality: a second phase").
+    # The second phase teaches them and sharpens the checks (README, "Quality: a second pretraining phase").
     # The first phase is kept exactly as it was tuned, because any change to it re-draws how well the
     # base checks (measured: with the world's defects, 2,000, 1,400 and 1,200 steps all left position or
     # direction checks near chance; README).

@@ -41,8 +41,8 @@ class Config:
     bt_weight: float = 0.0            # weight of an extra Bradley-Terry term on pairwise verdicts (0 = off)
     train_vision: bool = False        # also fine-tune the vision blocks (the projector is always trained). Frozen, steps
                                       # are 20% cheaper and the toy judge learns more per step (README, "Freeze the vision tower")
-    cache: bool = True                # keep every encoded example in memory after its first use (with the tower
-                                      # frozen, its output, not the pixels: 1.2 GB peak on the toy); off for large sets
+    cache: bool = True                # keep every encoded example in memory after its first use (with the blocks
+                                      # frozen, their output, not the pixels: 1.4 GB peak on the toy); off for large sets
     max_len: int = 2048               # longest example in tokens; longer ones are skipped, never truncated
     eval_every: int = 1000            # steps between held-out evaluations (and checkpoints)
     eval_size: int = 32               # test records per task and kind in periodic evals (0 = all; the final one uses all)
