@@ -4,11 +4,10 @@ Whole-stage wall times on a shared 2-core machine drift by several percent from 
 than the gains measured here, so this runs both variants in one process and alternates blocks of
 steps between them (the median block is reported):
 
-  judge step (02, epochs after the first, examples cached, vision blocks frozen, projector trained)
-      before: pixels in every batch, so the frozen blocks run at every step; AdamW and clipping one
+  judge step (02, epochs after the first, examples cached, vision tower frozen)
+      before: pixels in every batch, so the frozen tower runs at every step; AdamW and clipping one
               tensor at a time (PyTorch's CPU default)
-      after:  the blocks' output cached in place of the pixels (`frozen_tower_features`; the merger
-              runs on it, `project`); foreach
+      after:  the tower's output cached in place of the pixels (`frozen_tower_features`); foreach
   base step (01, fresh examples drawn and processed in every step)
       before: the processor called once per example; one tensor at a time
       after:  one processor call per batch (`common.encode_many`); foreach
@@ -45,7 +44,6 @@ def judge_runner(base: str, data_dir: str, after: bool):
     processor = common.load_processor(base)
     model = common.load_model(base, train=True)
     model.model.visual.requires_grad_(False)
-    model.model.visual.merger.requires_grad_(True)      # 02 trains the projector (since session 8)
     params = [p for p in model.parameters() if p.requires_grad]
     foreach = True if after else None
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, foreach=foreach)
@@ -56,7 +54,7 @@ def judge_runner(base: str, data_dir: str, after: bool):
     def run(n: int) -> None:
         for _ in range(n):
             batch, kinds, decisive = batches.next()
-            loss, _ = judge.reward_loss(model, judge.project(model, batch), kinds, decisive, 0.0)
+            loss, _ = judge.reward_loss(model, batch, kinds, decisive, 0.0)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.clip, foreach=foreach)
             optimizer.step()
