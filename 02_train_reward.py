@@ -39,10 +39,10 @@ class Config:
     weight_decay: float = 0.0         # AdamW weight decay (0.1 slowed the tiny model down)
     clip: float = 1.0                 # gradient-norm clipping
     bt_weight: float = 0.0            # weight of an extra Bradley-Terry term on pairwise verdicts (0 = off)
-    train_vision: bool = False        # also fine-tune the vision blocks (the projector is always trained). Frozen, steps
-                                      # are 20% cheaper and the toy judge learns more per step (README, "Freeze the vision tower")
-    cache: bool = True                # keep every encoded example in memory after its first use (with the blocks
-                                      # frozen, their output, not the pixels: 1.4 GB peak on the toy); off for large sets
+    train_vision: bool = False        # also fine-tune the vision tower. Frozen (LLaMA-Factory's default too), steps are
+                                      # 20% cheaper and the toy judge learns more per step (README, "Freeze the vision tower")
+    cache: bool = True                # keep every encoded example in memory after its first use (with the tower
+                                      # frozen, its output, not the pixels: 1.2 GB peak on the toy); off for large sets
     max_len: int = 2048               # longest example in tokens; longer ones are skipped, never truncated
     eval_every: int = 1000            # steps between held-out evaluations (and checkpoints)
     eval_size: int = 32               # test records per task and kind in periodic evals (0 = all; the final one uses all)
@@ -143,64 +143,35 @@ def load_records(cfg, split: str, skips: common.SkipLog) -> list[dict]:
 
 @torch.no_grad()
 def frozen_tower_features(model, encs: list[dict], device) -> None:
-    """Replace each example's pixels by the frozen vision blocks' output, in place.
+    """Replace each example's pixels by the frozen vision tower's output, in place.
 
-    pixel_values (patches, C*T*P*P) -> image_feats (patches, D), in the processor's patch order;
-    likewise pixel_values_videos -> video_feats. Frozen blocks map the same pixels to the same
-    features at every step, so with the cache they run once per example instead of once per draw (one
-    run of them was 16% of a toy step). The tower's last piece, the merger, is trained (see `project`),
-    so the cache keeps what goes into it. Run per batch, as the forward would: merged, the features are
-    bit-identical to the tower's own output (tested)."""
+    pixel_values (patches, C*T*P*P) -> image_embeds (tokens, H), one row per <|image_pad|> token;
+    likewise pixel_values_videos -> video_embeds. A frozen tower maps the same pixels to the same
+    tokens at every step, so with the cache it runs once per example instead of once per draw
+    (one run of it was 16% of a toy step). Run per batch, as the forward would: the tokens are
+    bit-identical to the forward's own (tested), so training is unchanged."""
     todo = list({id(e): e for e in encs if "pixel_values" in e or "pixel_values_videos" in e}.values())
     for medium, pixels, grid in (("image", "pixel_values", "image_grid_thw"),
                                  ("video", "pixel_values_videos", "video_grid_thw")):
         has = [e for e in todo if pixels in e]
         if not has:
             continue
-        grids = torch.cat([e[grid] for e in has])
         tower = model.model.get_image_features if medium == "image" else model.model.get_video_features
         with common.autocast(device):
-            hidden = tower(torch.cat([e[pixels] for e in has]).to(device), grids.to(device)).last_hidden_state
-        hidden = unwindow(model.model.visual, hidden, grids).cpu()
+            out = tower(torch.cat([e[pixels] for e in has]).to(device),
+                        torch.cat([e[grid] for e in has]).to(device)).pooler_output   # (tokens, H) per medium
         k = 0
         for e in has:
-            n = int(e[grid].prod(-1).sum())       # patches of this example's media
-            e[f"{medium}_feats"] = hidden[k:k + n]
+            n = len(e[grid])
+            e[f"{medium}_embeds"] = torch.cat(out[k:k + n]).cpu()
             del e[pixels]
             k += n
-
-
-def unwindow(visual, hidden: torch.Tensor, grids: torch.Tensor) -> torch.Tensor:
-    """(patches, D) in the vision blocks' window order -> (patches, D) in the processor's order.
-
-    Qwen2.5-VL's vision blocks attend within windows, so they regroup the patches window by window
-    (in units of the merger's 2x2 patches) and put the merged tokens back in order only after the
-    merger. A unit's four patches stay together, so moving whole units back first gives the same
-    tokens: merger(unwindow(h)) == the tower's output."""
-    from transformers.vision_utils import get_vision_window_index
-    index, _ = get_vision_window_index(grids, visual.spatial_merge_size, visual.window_size, visual.patch_size)
-    unit = visual.spatial_merge_size ** 2
-    return hidden.view(-1, unit, hidden.shape[-1])[torch.argsort(index.to(hidden.device))].reshape(hidden.shape)
-
-
-def project(model, batch: dict) -> dict:
-    """Run the merger (Qwen2.5-VL's projector: each 2x2 group of patch features -> one visual token in
-    the language model's width) on cached features, with gradients: image_feats (patches, D) ->
-    image_embeds (patches / 4, H), which the model takes as the vision tower's output. The judge trains
-    the projector with the language model and keeps the vision blocks frozen, as LLaVA's second stage
-    and Qwen2.5-VL's own fine-tuning script (tune_mm_mlp) do. Measured: with the projector trained, the
-    toy judge compares positions and vertical directions that it confused with it frozen (README,
-    "Train the projector")."""
-    for medium in ("image", "video"):
-        if f"{medium}_feats" in batch:
-            batch[f"{medium}_embeds"] = model.model.visual.merger(batch.pop(f"{medium}_feats"))
-    return batch
 
 
 class Batches:
     """Endless shuffled micro-batches of encoded examples. An example whose media cannot be read or
     which does not fit max_len is skipped and logged once, and never drawn again. Given the model
-    whose vision blocks are frozen (`frozen`), examples carry their output instead of pixels."""
+    whose vision tower is frozen (`frozen`), examples carry that tower's output instead of pixels."""
 
     def __init__(self, records, processor, cfg, skips, seed, frozen=None, device="cpu"):
         self.records, self.processor, self.cfg, self.skips = records, processor, cfg, skips
@@ -349,9 +320,8 @@ def main(cfg: Config) -> dict:
     model = common.load_model(start, device, train=True)
     processor = common.load_processor(start)
     model.config.use_cache = False
-    if not cfg.train_vision:     # frozen vision blocks, trained projector (see `project`)
+    if not cfg.train_vision:
         model.model.visual.requires_grad_(False)
-        model.model.visual.merger.requires_grad_(True)
     params = [p for p in model.parameters() if p.requires_grad]
     # foreach: one call over all the weights, not one per tensor (CUDA's default, not CPU's); same numbers
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
@@ -388,7 +358,6 @@ def main(cfg: Config) -> dict:
             batch, kinds, decisive = batches.next()
             batch = common.to_device(batch, device)
             with common.autocast(device):
-                project(model, batch)
                 loss, stats = reward_loss(model, batch, kinds, decisive, cfg.bt_weight)
             if not torch.isfinite(loss):
                 raise RuntimeError(f"loss is {loss.item()} at step {step}: stopping; the last good checkpoint "

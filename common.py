@@ -628,7 +628,7 @@ def collate(examples: list[dict], pad_id: int, side: str = "right") -> dict:
         batch["answer_mask"].append(pad(e["answer_mask"], False))
     batch = {k: torch.stack(v) for k, v in batch.items()}
     for k in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts",
-              "image_embeds", "video_embeds", "image_feats", "video_feats"):
+              "image_embeds", "video_embeds"):
         parts = [e[k] for e in examples if k in e]
         if parts:
             batch[k] = torch.cat(parts)
@@ -642,8 +642,7 @@ def to_device(batch: dict, device) -> dict:
 def model_inputs(batch: dict) -> dict:
     """The batch minus our own bookkeeping (answer_mask), i.e. exactly what the model's forward takes.
     Visual tokens computed beforehand (image_embeds / video_embeds: (tokens, H), see 02's
-    `frozen_tower_features` and `project`) go in as the vision tower's output, which the model then
-    skips running."""
+    `frozen_tower_features`) go in as the vision tower's output, which the model then skips running."""
     inputs = {k: v for k, v in batch.items() if k not in ("answer_mask", "image_embeds", "video_embeds")}
     if "image_embeds" in batch or "video_embeds" in batch:
         from transformers.modeling_outputs import BaseModelOutputWithPooling
