@@ -603,13 +603,13 @@ def pretrain_base(cfg, corpus, out_dir: Path):
     # The first phase is kept exactly as it was tuned, because any change to it re-draws how well the
     # base checks (measured: with the world's defects, 2,000, 1,400 and 1,200 steps all left position or
     # direction checks near chance; README).
-    # The second phase asks few of the policy's questions (1% of its examples against 3%): the base must
-    # stay an imperfect answerer. Measured: with 3% its picture answers rose from 86% to 95.5% right and
-    # DPO had nothing left to gain; with none it forgot much of them (68% / 42.5% on pictures / clips).
+    # The second phase asks fewer of the policy's questions (`quality_qa_share`): the base stays an
+    # imperfect answerer, so DPO has work to do.
     # (name, steps, peak lr, warmup, share of policy questions, share of defective media, defect strength,
     #  random stream)
     phases = [("base", cfg.base_steps, cfg.base_lr, 100, cfg.base_qa_share, 0.3, "mild", [cfg.seed, 7]),
-              ("quality", cfg.quality_steps, cfg.quality_lr, 50, 0.01, cfg.quality_defects, "world", [cfg.seed, 77])]
+              ("quality", cfg.quality_steps, cfg.quality_lr, 50, cfg.quality_qa_share, cfg.quality_defects, "world",
+               [cfg.seed, 77])]
     for name, steps, peak, warmup, qa_share, defects, strength, stream in phases:
         optimizer = torch.optim.AdamW(model.parameters(), lr=peak, weight_decay=0.0, foreach=True)
         rng = np.random.default_rng(stream)
@@ -851,6 +851,8 @@ class Config:
     quality_steps: int = 800         # second pretraining phase, defects in half the media (0 = none; see pretrain_base)
     quality_lr: float = 5e-4         # its peak learning rate
     quality_defects: float = 0.5     # its share of noisy or blurry media (the first phase: 0.3)
+    quality_qa_share: float = 0.01   # its share of the policy's questions: with 0.03 the base answered 95.5% of the
+                                     # picture questions and DPO had nothing to gain; with 0 it forgot them (68%)
 
 
 def main(cfg: Config) -> None:
