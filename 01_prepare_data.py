@@ -139,8 +139,8 @@ def render_video(scene: dict, defect: str | None, rng, strength: str = "world") 
     frames = np.repeat(BACKGROUND[None], FRAMES, 0).astype(np.float32)
     for t in range(FRAMES):
         for back, alpha in TRAIL:                            # oldest first, the square itself last
-            x = int(np.clip(x0 + dx * STEP * (t - back), 0, PX - side))
-            y = int(np.clip(y0 + dy * STEP * (t - back), 0, PX - side))
+            x = min(max(x0 + dx * STEP * (t - back), 0), PX - side)   # plain ints: np.clip on scalars took
+            y = min(max(y0 + dy * STEP * (t - back), 0), PX - side)   # 60% of the time of a clean clip
             patch = frames[t, y:y + side, x:x + side]
             patch[:] = (1 - alpha) * patch + alpha * colour
     return _apply_defect(frames.round().astype(np.uint8), defect, rng, strength)
