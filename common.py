@@ -88,60 +88,6 @@ def get_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def cpu_workers(shards: int) -> int:
-    """How many processes train the shards of a batch side by side: one per shard on a CPU with a
-    core for each, else 1 (on CUDA one process feeds the GPU; the shards then run one after another)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return shards if get_device() == "cpu" and cores >= shards else 1
-
-
-def run_workers(fn, world: int, *args) -> None:
-    """fn(rank, world, *args) in `world` processes joined in a gloo process group, or here when world is 1.
-
-    Data parallelism as DistributedDataParallel does it across GPUs, here across CPU cores: each process
-    takes its shard of every batch and the gradients are summed before the optimizer step (see
-    sum_gradients). One process of this tiny model keeps a second core only 14% busy (its ops are too
-    small to split), while two processes of one thread each run 1.4x as many examples per second."""
-    if world == 1:
-        fn(0, 1, *args)
-        return
-    import socket
-    import torch.multiprocessing as mp
-    with socket.socket() as s:   # a free port on this machine for the workers to meet at
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_worker, args=(fn, world, port, args), nprocs=world)
-
-
-def _worker(rank: int, fn, world: int, port: int, args) -> None:
-    import torch.distributed as dist
-    torch.set_num_threads(1)   # one core per process
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        fn(rank, world, *args)
-    finally:
-        dist.destroy_process_group()
-
-
-def sum_gradients(params, world: int) -> None:
-    """Replace each gradient by its sum over the workers (one all-reduce of one flat buffer). Each worker
-    backpropagated its shard's loss divided by the number of shards, so every worker now holds the
-    gradient of the mean shard loss: the same numbers as one process running the shards one after
-    another (two addends sum the same in any order), and the same weights after the optimizer step."""
-    if world == 1:
-        return
-    import torch.distributed as dist
-    params = [p for p in params if p.requires_grad]
-    for p in params:   # a weight that one shard did not use still takes part, as zeros
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    grads = [p.grad for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    for g, summed in zip(grads, flat.split([g.numel() for g in grads])):
-        g.copy_(summed.view_as(g))
-
-
 def autocast(device: str):
     """bf16 autocast on CUDA; a no-op on CPU, where bf16 matmuls are slow and fp32 keeps runs exact."""
     if device == "cuda":

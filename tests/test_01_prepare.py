@@ -156,27 +156,3 @@ def test_defect_strength_changes_pixels_not_the_random_stream(prep):
         if defect == "noise":   # the world's noise is stronger
             clean = prep.render("video", scene, None, np.random.default_rng(3))
             assert np.abs(world.astype(int) - clean).mean() > np.abs(mild.astype(int) - clean).mean()
-
-
-def test_shards_train_the_same_in_two_processes_or_one(tmp_path, prep, toy):
-    """Each pretraining step's shards train in two worker processes, or one after another in one process
-    (one core, or CUDA): the saved weights must be identical, and they must have moved from the start."""
-    import torch
-    from safetensors.torch import load_file
-    cfg = prep.Config(seed=3, base_steps=3, quality_steps=2, base_batch=4, base_shards=2)
-    rows = {n: common.read_jsonl(toy / "data" / f"{n}.jsonl") for n in
-            ("reward_train", "reward_test", "prompts_train", "prompts_test", "gen_candidates")}
-    corpus = prep.toy_corpus(rows["reward_train"] + rows["reward_test"], rows["prompts_train"] + rows["prompts_test"],
-                             rows["gen_candidates"])
-    weights = {}
-    for world in (2, 1, 0):   # 0: a fresh build, untrained
-        if world:
-            common.run_workers(prep._pretrain_worker, world, cfg, corpus, tmp_path / f"w{world}")
-            weights[world] = load_file(tmp_path / f"w{world}" / "model.safetensors")
-        else:
-            model, _ = common.build_tiny_vlm(corpus, cfg.seed, dict(common.TINY, text_layers=cfg.text_layers))
-            model.save_pretrained(tmp_path / "w0")
-            weights[0] = load_file(tmp_path / "w0" / "model.safetensors")
-    assert weights[2].keys() == weights[1].keys()
-    assert all(torch.equal(weights[2][k], weights[1][k]) for k in weights[1])
-    assert not all(torch.equal(weights[0][k], weights[1][k]) for k in weights[1])
