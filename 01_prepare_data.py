@@ -579,7 +579,7 @@ def grounding_targets(processor, shown_in_order) -> tuple[list[int], torch.Tenso
     return ids, target
 
 
-def pretrain_base(cfg, corpus, out_dir: Path):
+def pretrain_base(cfg, corpus, out_dir: Path, on_step=None):
     """Build the tiny VLM and pretrain it on descriptions and questions (a plain loop; stage 02 has the
     full-featured one). Deterministic for a given seed on CPU (bf16 kernels on CUDA are not).
 
@@ -587,7 +587,10 @@ def pretrain_base(cfg, corpus, out_dir: Path):
     to name the medium's attributes through the (tied) language-model head. Real VLMs come with visual
     tokens that already sit near the words for what they show (LLaVA trains its projector for exactly
     that); from random weights that alignment is what makes cross-modal comparison learnable. Measured:
-    "Is the square red?" went from chance after 1500 steps to 100% after 500 with it."""
+    "Is the square red?" went from chance after 1500 steps to 100% after 500 with it.
+
+    on_step(phase name, step, model, processor), if given, runs after every optimizer step
+    (tools/check_curve.py probes the checks with it)."""
     common.set_seed(cfg.seed)
     device = common.get_device()     # fp32 weights; on CUDA the forward runs under bf16 autocast
     model, processor = common.build_tiny_vlm(corpus, cfg.seed, dict(common.TINY, text_layers=cfg.text_layers))
@@ -633,6 +636,9 @@ def pretrain_base(cfg, corpus, out_dir: Path):
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if on_step:
+                on_step(name, step + 1, model, processor)
+                visual.outputs.clear()    # drop what the hook saw in on_step's own forward passes
             if (step + 1) % 250 == 0 or step + 1 == steps:
                 print(f"  {name} step {step + 1}/{steps}  answer loss {ce.item():.3f}  "
                       f"grounding {ground.item():.3f}  {time.time() - t0:.0f}s")
@@ -868,30 +874,40 @@ def main(cfg: Config) -> None:
         common.write_jsonl(data / "reward_train.jsonl", [records[i] for i in order[n_test:]])
         print(f"{len(records) - n_test} train / {n_test} test records -> {data}  ({time.time() - t0:.0f}s)")
         return
-    # one random stream per split, so changing one split's size leaves the others unchanged
-    stream = lambda name: np.random.default_rng([cfg.seed, sum(map(ord, name))])
     with MediaWriter(data) as writer:
-        train, train_truth = write_reward_split("train", cfg.train_per_group, stream("reward-train"), writer)
-        test, _ = write_reward_split("test", cfg.test_per_group, stream("reward-test"), writer)
-        prompts_train = write_policy_prompts("train", cfg.policy_train, stream("prompts-train"), writer)
-        prompts_test = write_policy_prompts("test", cfg.policy_test, stream("prompts-test"), writer)
-        gen = write_gen_candidates(cfg.gen_prompts, cfg.gen_candidates, stream("gen"), writer)
-    # The tokenizer (and with it the base, the stand-in for a downloaded checkpoint) is trained on the
-    # world's texts before some training answers are rewritten as policies write them: the same words in
-    # other orders, which would only reshuffle the tokenizer's merges, and so the base, with the judge's mix.
-    corpus = toy_corpus(train + test, prompts_train + prompts_test, gen)
-    n_bad = malform_answers(train, train_truth, cfg.malformed, stream("malformed"))
-    for name, rows in [("reward_train", train), ("reward_test", test), ("prompts_train", prompts_train),
-                       ("prompts_test", prompts_test), ("gen_candidates", gen)]:
-        common.write_jsonl(data / f"{name}.jsonl", rows)
+        rows, corpus, n_bad = toy_world(cfg, writer)
+    for name, split in rows.items():
+        common.write_jsonl(data / f"{name}.jsonl", split)
+    train, test = rows["reward_train"], rows["reward_test"]
     print(f"toy world: {len(train)} train / {len(test)} test judge records, "
-          f"{len(prompts_train)} + {len(prompts_test)} policy questions, {len(gen)} generation prompts "
-          f"({n_bad} training answers in the wrong form) -> {data}  ({time.time() - t0:.0f}s)")
+          f"{len(rows['prompts_train'])} + {len(rows['prompts_test'])} policy questions, "
+          f"{len(rows['gen_candidates'])} generation prompts ({n_bad} training answers in the wrong form) "
+          f"-> {data}  ({time.time() - t0:.0f}s)")
     print(count_table(train + test))
     if cfg.base_steps > 0:
         print(f"pretraining the tiny base model ({cfg.base_steps} + {cfg.quality_steps} steps) -> {out / 'base'}")
         pretrain_base(cfg, corpus, out / "base")
     print(f"done in {time.time() - t0:.0f}s")
+
+
+def toy_world(cfg, writer) -> tuple[dict[str, list[dict]], list[str], int]:
+    """Draw the whole toy world, its media through `writer`: ({file name: rows}, the tokenizer's corpus,
+    number of training answers rewritten in the wrong form)."""
+    # one random stream per split, so changing one split's size leaves the others unchanged
+    stream = lambda name: np.random.default_rng([cfg.seed, sum(map(ord, name))])
+    train, train_truth = write_reward_split("train", cfg.train_per_group, stream("reward-train"), writer)
+    test, _ = write_reward_split("test", cfg.test_per_group, stream("reward-test"), writer)
+    prompts_train = write_policy_prompts("train", cfg.policy_train, stream("prompts-train"), writer)
+    prompts_test = write_policy_prompts("test", cfg.policy_test, stream("prompts-test"), writer)
+    gen = write_gen_candidates(cfg.gen_prompts, cfg.gen_candidates, stream("gen"), writer)
+    # The tokenizer (and with it the base, the stand-in for a downloaded checkpoint) is trained on the
+    # world's texts before some training answers are rewritten as policies write them: the same words in
+    # other orders, which would only reshuffle the tokenizer's merges, and so the base, with the judge's mix.
+    corpus = toy_corpus(train + test, prompts_train + prompts_test, gen)
+    n_bad = malform_answers(train, train_truth, cfg.malformed, stream("malformed"))
+    rows = {"reward_train": train, "reward_test": test, "prompts_train": prompts_train,
+            "prompts_test": prompts_test, "gen_candidates": gen}
+    return rows, corpus, n_bad
 
 
 def count_table(records) -> str:

@@ -1,6 +1,11 @@
 """The diagnostic tools: the base-model probe, the judge breakdown and the step benchmark (tools/)."""
+import dataclasses
 import subprocess
 import sys
+
+import torch
+
+import common
 
 from conftest import ROOT, stage
 
@@ -133,3 +138,25 @@ def test_bench_step_runs_both_variants(toy):
     assert out.returncode == 0, out.stderr
     lines = [line for line in out.stdout.splitlines() if " ms, after " in line]
     assert [line.split(":")[0] for line in lines] == ["judge step", "base step"]
+
+
+def test_check_curve_draws_01s_world_and_probing_leaves_the_base_unchanged(tmp_path, prep):
+    sys.path.insert(0, str(ROOT / "tools"))
+    cc = stage("check_curve")
+    cfg = cc.Config(out_dir=str(tmp_path / "toy"), train_per_group=2, test_per_group=1, policy_train=2,
+                    policy_test=1, gen_prompts=1, gen_candidates=2, base_steps=3, quality_steps=0, base_batch=4)
+    prep.main(dataclasses.replace(cfg, base_steps=0))
+    rows, corpus, _ = prep.toy_world(cfg, cc.DryWriter())
+    for name, split in rows.items():   # the same records as 01 writes, without writing media
+        assert common.read_jsonl(tmp_path / "toy" / "data" / f"{name}.jsonl") == split
+    items = cc.check_items()[::7]
+    seen = []
+    probed, _ = prep.pretrain_base(cfg, corpus, tmp_path / "a",
+                                   lambda phase, step, model, processor: seen.append(cc.accuracy(model, processor, items)))
+    plain, _ = prep.pretrain_base(cfg, corpus, tmp_path / "b")
+    assert len(seen) == 3 and set(seen[0]) == {f"{m} {a}" for m, a in
+                                               [("image", "colour"), ("image", "position"), ("image", "size"),
+                                                ("video", "colour"), ("video", "direction"), ("video", "size"),
+                                                ("image", "caption"), ("video", "caption")]}
+    for (name, a), b in zip(probed.state_dict().items(), plain.state_dict().values()):
+        assert torch.equal(a, b), name
