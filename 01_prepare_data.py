@@ -435,8 +435,8 @@ def write_gen_candidates(n: int, n_cand: int, rng, writer: MediaWriter) -> list[
 # about them, briefly: it perceives the toy world but stays an imperfect answerer, so the later stages
 # have something to improve.
 
-def base_example(rng, qa_share: float, verify_share: float, multi_share: float, choice_share: float = 0.0,
-                 defect_share: float = 0.3, strength: str = "world"):
+def base_example(rng, qa_share: float, verify_share: float, multi_share: float, defect_share: float = 0.3,
+                 strength: str = "world"):
     """One pretraining example: (medium kind, [pixels per medium], question, answer, [words each shows]).
     Three kinds, as a generic VLM is trained on: descriptions (naming quality defects too, "..., noisy"),
     the two-attribute questions the policy will face, and yes/no checks, half of one attribute ("Is the
@@ -444,10 +444,7 @@ def base_example(rng, qa_share: float, verify_share: float, multi_share: float, 
     attributes are right). Measured: with caption checks the base checks two attributes at once (94%)
     and a judge learns two-attribute scores from it (see the README); with one-attribute checks only,
     judges learned one of the two attributes and stalled. A `multi_share` of the examples shows two
-    pictures or two clips and asks about one of them (see multi_example), and a `choice_share` asks
-    either-or questions (see choice_example)."""
-    if choice_share and rng.random() < choice_share:   # (no draw when off: the stream stays as before)
-        return choice_example(rng, defect_share, strength)
+    pictures or two clips and asks about one of them (see multi_example)."""
     medium = "image" if rng.random() < 0.5 else "video"
     if rng.random() < multi_share:
         return multi_example(medium, rng, defect_share, strength)
@@ -491,25 +488,6 @@ def multi_example(medium: str, rng, defect_share: float, strength: str = "world"
     return medium, pixels, *caption_check(medium, scenes[k], rng, label), shown
 
 
-def choice_example(rng, defect_share: float, strength: str = "world"):
-    """An either-or question about one attribute, the true value and another in random order:
-    "Is the square red or blue?" -> "red". The answer is a word of the prompt, picked by what the
-    pixels show, so the model learns to find a prompt word that agrees with the visual tokens. That is
-    half of a yes/no check, learnt without its plateau: a yes/no answer depends on the word and the
-    pixels only together (either alone says nothing), an either-or answer on each of them alone.
-    Measured with the attention init of pretrain_base, on the two seeds whose bases did not learn to
-    check in 2,000 steps (README, "Either-or questions and a mimetic init")."""
-    medium = "image" if rng.random() < 0.5 else "video"
-    scene = sample_scene(medium, rng)
-    defect = str(rng.choice(DEFECTS)) if rng.random() < defect_share else None
-    pixels = render(medium, scene, defect, rng, strength)
-    shown = " ".join(scene.values()) + (f" {DEFECT_WORDS[defect]}" if defect else "")
-    attr = str(rng.choice(list(attrs_of(medium))))
-    other = str(rng.choice([v for v in attrs_of(medium)[attr] if v != scene[attr]]))
-    pair = [scene[attr], other] if rng.random() < 0.5 else [other, scene[attr]]
-    return medium, [pixels], choice_question(attr, *pair), scene[attr], [shown]
-
-
 def caption_check(medium: str, scene: dict, rng, subject: str = "it") -> tuple[str, str]:
     """(question, yes/no) checking a caption against `scene`; each captioned attribute is named wrong
     with probability 0.3, so about half the answers are "yes"."""
@@ -532,12 +510,6 @@ def check_question(attr: str, value: str) -> str:
     return VERIFY[attr].format(where(value) if attr == "position" else value)
 
 
-def choice_question(attr: str, first: str, second: str) -> str:
-    """An either-or question: 'Is the square red or blue?', 'Does the square move left or up?'."""
-    say = where if attr == "position" else str
-    return VERIFY[attr].format(f"{say(first)} or {say(second)}")
-
-
 def caption_question(medium: str, scene: dict, subject: str = "it") -> str:
     """A yes/no check of a whole caption: 'Is it a red square at the top?', 'Is Picture 2 a ...?'."""
     return f"Is {subject} {caption(medium, scene)}?"
@@ -556,10 +528,8 @@ def as_media(medium: str, pixels: np.ndarray):
     return Image.fromarray(pixels) if medium == "image" else common.Video(pixels, fps=float(FRAMES))
 
 
-def toy_corpus(records, prompts, gen_rows, choices: bool = True) -> list[str]:
-    """Every text the toy world produces, for training the tiny tokenizer. The either-or questions
-    only when the base is asked them (`choices`), so that `--base-choice-share 0 --base-mimetic 0`
-    rebuilds session 9's base to the byte."""
+def toy_corpus(records, prompts, gen_rows) -> list[str]:
+    """Every text the toy world produces, for training the tiny tokenizer."""
     texts = [r["question"] for r in records] + [r["answer"] for r in records]
     texts += [p["question"] for p in prompts] + [p["answer"] for p in prompts] + [g["prompt"] for g in gen_rows]
     texts += list(DESCRIBE.values()) + [f", {w}" for w in DEFECT_WORDS.values()] + ["yes", "no"]
@@ -576,9 +546,6 @@ def toy_corpus(records, prompts, gen_rows, choices: bool = True) -> list[str]:
     for task in common.TASKS:   # every verdict the judge can give, whatever the data happens to contain
         for kind in common.KINDS:
             texts += [a for _, a in common.verdict_candidates(task, kind, (0, 9))]
-    for medium in ("image", "video") if choices else ():
-        for attr, vals in attrs_of(medium).items():
-            texts += [choice_question(attr, x, y) for x in vals for y in vals if x != y]
     return texts
 
 
@@ -612,25 +579,6 @@ def grounding_targets(processor, shown_in_order) -> tuple[list[int], torch.Tenso
     return ids, target
 
 
-def mimetic_init(model, std: float, generator) -> None:
-    """Start every text attention head with W_q = W_k (plus noise), so that its score q.k begins as a
-    similarity of the two tokens and a token attends most to tokens like itself: the mimetic
-    initialisation of Trockman & Kolter (2023, "Mimetic Initialization of Self-Attention Layers"), which
-    made small transformers learn faster. A check needs exactly that comparison: the word "red" in the
-    prompt against visual tokens that the grounding loss has made like the word "red". Keys (and so
-    queries) get std `std` rather than 0.02 so that the scores are not all near zero; each query head
-    adds noise of the default std 0.02 to the key head it shares (grouped-query attention)."""
-    for layer in model.model.language_model.layers:
-        attn = layer.self_attn
-        hd, group = attn.head_dim, attn.num_key_value_groups
-        with torch.no_grad():
-            keys = torch.randn(attn.k_proj.weight.shape, generator=generator) * std       # (kv_heads * hd, H)
-            attn.k_proj.weight.copy_(keys)
-            for h in range(attn.q_proj.weight.shape[0] // hd):
-                shared = keys[h // group * hd:(h // group + 1) * hd]
-                attn.q_proj.weight[h * hd:(h + 1) * hd] = shared + 0.02 * torch.randn(shared.shape, generator=generator)
-
-
 def pretrain_base(cfg, corpus, out_dir: Path, on_step=None):
     """Build the tiny VLM and pretrain it on descriptions and questions (a plain loop; stage 02 has the
     full-featured one). Deterministic for a given seed on CPU (bf16 kernels on CUDA are not).
@@ -646,8 +594,6 @@ def pretrain_base(cfg, corpus, out_dir: Path, on_step=None):
     common.set_seed(cfg.seed)
     device = common.get_device()     # fp32 weights; on CUDA the forward runs under bf16 autocast
     model, processor = common.build_tiny_vlm(corpus, cfg.seed, dict(common.TINY, text_layers=cfg.text_layers))
-    if cfg.base_mimetic:
-        mimetic_init(model, cfg.base_mimetic, torch.Generator().manual_seed(cfg.seed))
     model.to(device)
     visual = VisualTokens(model)
     pad = processor.tokenizer.pad_token_id
@@ -674,8 +620,8 @@ def pretrain_base(cfg, corpus, out_dir: Path, on_step=None):
         for step in range(steps):
             for group in optimizer.param_groups:
                 group["lr"] = common.lr_at(step, steps, peak, warmup)
-            examples = [base_example(rng, qa_share, cfg.base_verify_share, cfg.base_multi_share, cfg.base_choice_share,
-                                     defects, strength) for _ in range(cfg.base_batch)]
+            examples = [base_example(rng, qa_share, cfg.base_verify_share, cfg.base_multi_share, defects, strength)
+                        for _ in range(cfg.base_batch)]
             encoded = common.encode_many(processor, [([as_media(m, px) for px in pixels], q, a)
                                                      for m, pixels, q, a, _ in examples])
             batch = common.to_device(common.collate(encoded, pad), device)
@@ -906,8 +852,6 @@ class Config:
     base_verify_share: float = 0.6   # share of yes/no checks (the rest is description): checking a word
                                      # against the pixels is what a judge needs and what plateaus
     base_multi_share: float = 0.15   # share of two-picture / two-clip examples asking about one of them
-    base_choice_share: float = 0.15  # share of either-or questions ("Is the square red or blue?"; see choice_example)
-    base_mimetic: float = 0.07       # std of the shared query/key weights at init (0 = the usual init; see mimetic_init)
     text_layers: int = 4             # language-model layers of the tiny model (4 checked colour reliably, 2 not)
     base_ground: float = 1.0         # weight of the grounding loss on visual tokens (see pretrain_base)
     quality_steps: int = 800         # second pretraining phase, defects in half the media (0 = none; see pretrain_base)
@@ -959,7 +903,7 @@ def toy_world(cfg, writer) -> tuple[dict[str, list[dict]], list[str], int]:
     # The tokenizer (and with it the base, the stand-in for a downloaded checkpoint) is trained on the
     # world's texts before some training answers are rewritten as policies write them: the same words in
     # other orders, which would only reshuffle the tokenizer's merges, and so the base, with the judge's mix.
-    corpus = toy_corpus(train + test, prompts_train + prompts_test, gen, cfg.base_choice_share > 0)
+    corpus = toy_corpus(train + test, prompts_train + prompts_test, gen)
     n_bad = malform_answers(train, train_truth, cfg.malformed, stream("malformed"))
     rows = {"reward_train": train, "reward_test": test, "prompts_train": prompts_train,
             "prompts_test": prompts_test, "gen_candidates": gen}

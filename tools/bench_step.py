@@ -74,8 +74,7 @@ def base_runner(base: str, after: bool):
 
     def run(n: int) -> None:
         for _ in range(n):
-            examples = [prep.base_example(rng, cfg.base_qa_share, cfg.base_verify_share, cfg.base_multi_share,
-                                          cfg.base_choice_share)
+            examples = [prep.base_example(rng, cfg.base_qa_share, cfg.base_verify_share, cfg.base_multi_share)
                         for _ in range(cfg.base_batch)]
             items = [([prep.as_media(m, px) for px in pixels], q, a) for m, pixels, q, a, _ in examples]
             encoded = common.encode_many(processor, items) if after else [common.encode(processor, *it) for it in items]
