@@ -1,4 +1,4 @@
-"""The diagnostic tools: the base-model probe, the judge breakdown and the step benchmark (tools/)."""
+"""The diagnostic tools: the base-model probe, the judge breakdown, the check curve and the step benchmark (tools/)."""
 import dataclasses
 import subprocess
 import sys
