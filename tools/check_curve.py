@@ -40,11 +40,12 @@ probe = importlib.import_module("probe_base")
 class Config(prep.Config):
     every: int = 250                  # pretraining steps between probes
     quality_steps: int = 0            # second pretraining phase (01's default: 800); 0 = the first phase only
-    log: str = "runs/check_curve.jsonl"   # one json line per probe
+    log: str = "runs/check_curve.jsonl"   # one json line per probe (the base itself is not kept: --out-dir is unused)
 
 
 class DryWriter(prep.MediaWriter):
-    """01's MediaWriter without the files: same paths and the same split checks, nothing written."""
+    """01's MediaWriter without the files: same paths and the same split checks, nothing written.
+    (It skips the parent's __init__, whose only other job is to start the clip-encoding process.)"""
 
     def __init__(self):
         self.owner = {}
