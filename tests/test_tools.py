@@ -131,6 +131,32 @@ def test_direction_table_counts_highest_and_full_marks():
     assert len(rows) == 3 and rows[2] == "| down | 2 | 0 / 0 | 0 / 0 | 1 / 1 | 1 / 2 |"
 
 
+def test_policy_errors_counts_each_kind_of_mistake_per_question():
+    sys.path.insert(0, str(ROOT / "tools"))
+    pe = stage("policy_errors")
+    assert pe.error_kind("red, left", "Red, left.") == "right"
+    assert pe.error_kind("red, left", "blue, left") == "first wrong"
+    assert pe.error_kind("red, left", "red, top") == "second wrong"
+    assert pe.error_kind("red, left", "blue, top") == "both wrong"
+    assert pe.error_kind("red, left", "red, left, large") == pe.error_kind("red, left", "red") == "other form"
+    q = "What colour is the square and where is it?"
+    prompts = [{"task": "image_understanding", "question": q, "answer": a} for a in ("red, left", "blue, top")]
+    rows = pe.table(prompts, {"before": ["red, top", "blue, top"], "after": ["red, left", "green, top"]},
+                    {("image_understanding", q): 5}).splitlines()
+    assert rows[2] == f"| image_understanding | {q} | before | 1 | 0 | 1 | 0 | 0 | 5 |"
+    assert rows[3] == f"| image_understanding | {q} | after | 1 | 1 | 0 | 0 | 0 | 5 |"
+
+
+def test_policy_errors_runs_on_checkpoints(toy):
+    out = subprocess.run([sys.executable, str(ROOT / "tools/policy_errors.py"), "--data-dir", str(toy / "data"),
+                          "--before", str(toy / "base"), "--after", str(toy / "base"), "--pairs", ""],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    rows = [line.split("|") for line in out.stdout.splitlines()[2:]]
+    assert sum(int(c) for r in rows if r[3].strip() == "before" for c in r[4:9]) == 8   # 4 questions per medium
+    assert [r[4:9] for r in rows if r[3].strip() == "before"] == [r[4:9] for r in rows if r[3].strip() == "after"]
+
+
 def test_bench_step_runs_both_variants(toy):
     out = subprocess.run([sys.executable, str(ROOT / "tools/bench_step.py"), "--base", str(toy / "base"),
                           "--data-dir", str(toy / "data"), "--blocks", "1", "--steps", "2"],
