@@ -30,7 +30,7 @@ class Config:
     base: str = "runs/toy/base"       # checkpoint to start from: hub id or local folder (any Qwen2.5-VL)
     out_dir: str = "runs/toy/reward"  # judge checkpoint, log.jsonl, skipped.jsonl
     template: str = "short"           # wording for judging held-out records (both orders): short or paper
-    steps: int = 3000                 # optimizer steps (01 + 02 take 12.5-14.2 minutes on 2 CPU cores: README, Results)
+    steps: int = 3000                 # optimizer steps (01 + 02 took 12.5-16.5 minutes on 2-core machines: README, Results)
     batch_size: int = 8               # examples per micro-batch (8 escaped the plateau sooner in wall time than 16)
     grad_accum: int = 1               # micro-batches per optimizer step
     lr: float = 5e-4                  # peak learning rate (AdamW); ~1e-5 for a 3B model. The tiny judge must reuse its

@@ -12,7 +12,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-torch.set_num_threads(1)   # same numbers on any machine; the tiny model gains nothing from threads
+torch.set_num_threads(1)   # the same numbers as with 2 threads; the tiny model gains little from more
 
 
 def stage(name):
