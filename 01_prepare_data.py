@@ -436,7 +436,7 @@ def write_gen_candidates(n: int, n_cand: int, rng, writer: MediaWriter) -> list[
 # have something to improve.
 
 def base_example(rng, qa_share: float, verify_share: float, multi_share: float, defect_share: float = 0.3,
-                 strength: str = "world"):
+                 strength: str = "world", compare: float = 0.0):
     """One pretraining example: (medium kind, [pixels per medium], question, answer, [words each shows]).
     Three kinds, as a generic VLM is trained on: descriptions (naming quality defects too, "..., noisy"),
     the two-attribute questions the policy will face, and yes/no checks, half of one attribute ("Is the
@@ -444,10 +444,11 @@ def base_example(rng, qa_share: float, verify_share: float, multi_share: float, 
     attributes are right). Measured: with caption checks the base checks two attributes at once (94%)
     and a judge learns two-attribute scores from it (see the README); with one-attribute checks only,
     judges learned one of the two attributes and stalled. A `multi_share` of the examples shows two
-    pictures or two clips and asks about one of them (see multi_example)."""
+    pictures or two clips and asks about one of them, or (a `compare` share of those) which of them
+    fits a caption (see multi_example)."""
     medium = "image" if rng.random() < 0.5 else "video"
     if rng.random() < multi_share:
-        return multi_example(medium, rng, defect_share, strength)
+        return multi_example(medium, rng, defect_share, strength, compare)
     scene = sample_scene(medium, rng)
     defect = str(rng.choice(DEFECTS)) if rng.random() < defect_share else None
     pixels = render(medium, scene, defect, rng, strength)
@@ -466,23 +467,38 @@ def base_example(rng, qa_share: float, verify_share: float, multi_share: float, 
     return medium, [pixels], DESCRIBE[medium], described(medium, scene, defect), [shown]
 
 
-def multi_example(medium: str, rng, defect_share: float, strength: str = "world"):
+def multi_example(medium: str, rng, defect_share: float, strength: str = "world", compare: float = 0.0):
     """Two pictures (or clips) of similar scenes, one of them addressed by its label: "Describe Picture 2."
     or "Is Video 1 a red square moving left?". Real VLMs are pretrained on multi-image data; a pairwise
     judge needs exactly this, to check each of two candidates against one caption. The second scene
     differs from the first in each captioned attribute with probability 1/2, so the answer depends on
-    which medium is addressed."""
+    which medium is addressed.
+    With probability `compare` it asks instead which of the two fits a caption that exactly one of them
+    fits ("Which video shows a red square moving left?" -> "Video 2"): the comparison itself."""
     attrs = CAPTION_ATTRS[medium]
+    comparing = bool(compare) and rng.random() < compare   # no draw at all when compare is 0
     first = sample_scene(medium, rng)
-    scenes = [first, perturb(first, attrs, [bool(rng.random() < 0.5) for _ in attrs], medium, rng)]
+    if comparing:   # the other scene misses one or both captioned attributes
+        miss = [[True, False], [False, True], [True, True]][int(rng.integers(3))]
+    else:
+        miss = [bool(rng.random() < 0.5) for _ in attrs]
+    scenes = [first, perturb(first, attrs, miss, medium, rng)]
     scenes[1]["size"] = str(rng.choice(list(attrs_of(medium)["size"])))
-    if rng.random() < 0.5:
+    if comparing:
+        flip = int(rng.integers(2)) == 1
+    else:
+        flip = rng.random() < 0.5
+    if flip:
         scenes.reverse()
     defects = [str(rng.choice(DEFECTS)) if rng.random() < defect_share else None for _ in scenes]
     pixels = [render(medium, sc, d, rng, strength) for sc, d in zip(scenes, defects)]
     shown = [" ".join(sc.values()) + (f" {DEFECT_WORDS[d]}" if d else "") for sc, d in zip(scenes, defects)]
+    word = "Picture" if medium == "image" else "Video"
+    if comparing:
+        question = f"Which {word.lower()} shows {caption(medium, first)}?"
+        return medium, pixels, question, f"{word} {2 if flip else 1}", shown
     k = int(rng.integers(2))
-    label = f"{'Picture' if medium == 'image' else 'Video'} {k + 1}"
+    label = f"{word} {k + 1}"
     if rng.random() < 0.5:
         return medium, pixels, f"Describe {label}.", described(medium, scenes[k], defects[k]), shown
     return medium, pixels, *caption_check(medium, scenes[k], rng, label), shown
@@ -609,18 +625,19 @@ def pretrain_base(cfg, corpus, out_dir: Path, on_step=None):
     # The second phase asks fewer of the policy's questions (`quality_qa_share`): the base stays an
     # imperfect answerer, so DPO has work to do.
     # (name, steps, peak lr, warmup, share of policy questions, share of defective media, defect strength,
-    #  random stream)
-    phases = [("base", cfg.base_steps, cfg.base_lr, 100, cfg.base_qa_share, 0.3, "mild", [cfg.seed, 7]),
+    #  random stream, share of two-media examples that compare)
+    phases = [("base", cfg.base_steps, cfg.base_lr, 100, cfg.base_qa_share, 0.3, "mild", [cfg.seed, 7], 0.0),
               ("quality", cfg.quality_steps, cfg.quality_lr, 50, cfg.quality_qa_share, cfg.quality_defects, "world",
-               [cfg.seed, 77])]
-    for name, steps, peak, warmup, qa_share, defects, strength, stream in phases:
+               [cfg.seed, 77], cfg.quality_compare)]
+    for name, steps, peak, warmup, qa_share, defects, strength, stream, compare in phases:
         optimizer = torch.optim.AdamW(model.parameters(), lr=peak, weight_decay=0.0, foreach=True)
         rng = np.random.default_rng(stream)
         model.train()
         for step in range(steps):
             for group in optimizer.param_groups:
                 group["lr"] = common.lr_at(step, steps, peak, warmup)
-            examples = [base_example(rng, qa_share, cfg.base_verify_share, cfg.base_multi_share, defects, strength)
+            examples = [base_example(rng, qa_share, cfg.base_verify_share, cfg.base_multi_share, defects, strength,
+                                     compare)
                         for _ in range(cfg.base_batch)]
             encoded = common.encode_many(processor, [([as_media(m, px) for px in pixels], q, a)
                                                      for m, pixels, q, a, _ in examples])
@@ -859,6 +876,8 @@ class Config:
     quality_defects: float = 0.5     # its share of noisy or blurry media (the first phase: 0.3)
     quality_qa_share: float = 0.01   # its share of the policy's questions: with 0.03 the base answered 95.5% of the
                                      # picture questions and DPO had nothing to gain; with 0 it forgot them (68%)
+    quality_compare: float = 0.0     # its share of two-media examples asking which one fits a caption (multi_example);
+                                     # 0.5 helped two judges compare clips, on one base only (README, session 11)
 
 
 def main(cfg: Config) -> None:

@@ -104,6 +104,26 @@ def test_two_media_examples_ask_about_the_labelled_one(prep):
     assert min(seen.values()) > 40, seen
 
 
+def test_comparison_examples_name_the_one_medium_that_fits(prep):
+    """With `compare`, a two-media example asks which medium fits a caption; exactly one does, and the
+    answer names it. Either medium can be the one. With compare 0 no draw is spent on the choice."""
+    rng = np.random.default_rng(5)
+    answers = {"Picture 1": 0, "Picture 2": 0, "Video 1": 0, "Video 2": 0}
+    for _ in range(200):
+        medium, pixels, question, answer, shown = prep.multi_example("image" if rng.random() < 0.5 else "video",
+                                                                     rng, 0.3, compare=1.0)
+        assert len(pixels) == 2 and question.startswith("Which ")
+        named = re.search(r"a (\w+) square (?:at the |on the |moving )(\w+)\?", question).groups()
+        fits = [all(w in s.split() for w in named) for s in shown]
+        assert fits.count(True) == 1 and answer.endswith(str(fits.index(True) + 1)), (question, answer, shown)
+        answers[answer] += 1
+    assert min(answers.values()) > 30, answers
+    # a share of 0 skips the draw (so the first phase's stream is the one it was tuned with); any other spends it
+    a, b = np.random.default_rng(6), np.random.default_rng(6)
+    prep.multi_example("video", a, 0.3, compare=0.0), prep.multi_example("video", b, 0.3, compare=1e-12)
+    assert a.random() != b.random()
+
+
 def test_rewritten_training_answers_keep_their_truth(prep):
     """Answers rewritten in a wrong form stay exactly as right as their label and score say, by the
     grader 03 uses."""
