@@ -113,8 +113,9 @@ def evaluate_judge(cfg, device, skips) -> dict:
     return out
 
 
-def evaluate_policies(cfg, device, skips) -> dict:
-    """Greedy answers of the policy before and after DPO on held-out questions."""
+def policy_answers(cfg, device, skips) -> tuple[list[dict], list, dict[str, list[str]]]:
+    """The held-out questions, their media, and the greedy answers of the policy before and after DPO:
+    (prompts, media, {"before": [answer per prompt], "after": [...]}). Unreadable media are skipped."""
     path = Path(cfg.data_dir) / "prompts_test.jsonl"
     prompts, media = [], []
     for p in common.read_jsonl(path, skips):
@@ -131,6 +132,13 @@ def evaluate_policies(cfg, device, skips) -> dict:
             model, processor, [(m, p["question"]) for p, m in zip(prompts, media)], device, cfg.max_new_tokens,
             batch_size=cfg.batch_size)]
         del model
+    return prompts, media, answers
+
+
+def evaluate_policies(cfg, device, skips) -> dict:
+    """Ground-truth accuracy of the policy before and after DPO on held-out questions, and the judge's
+    win rate of after over before where the two answers differ."""
+    prompts, media, answers = policy_answers(cfg, device, skips)
     judge = common.load_model(cfg.reward, device).eval()
     judge_proc = common.load_processor(cfg.reward)
     out = {}

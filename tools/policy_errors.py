@@ -20,9 +20,8 @@ import argparse
 import collections
 import importlib
 import sys
+import tempfile
 from pathlib import Path
-
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
@@ -63,22 +62,14 @@ def main() -> None:
     ap.add_argument("--after", default="runs/toy/policy", help="the policy after DPO")
     ap.add_argument("--pairs", default="runs/toy/pairs/pairs.jsonl", help="03's pairs ('' = none)")
     args = ap.parse_args()
-    torch.manual_seed(0)
-    prompts, media = [], []
-    for p in common.read_jsonl(Path(args.data_dir) / "prompts_test.jsonl"):
-        prompts.append(p)
-        media.append(common.load_media(p["media"], args.data_dir))
-    answers = {}
-    cfg = evaluation.Config()
-    for name, ckpt in (("before", args.before), ("after", args.after)):
-        model = common.load_model(ckpt, "cpu").eval()
-        processor = common.load_processor(ckpt)
-        answers[name] = [a[0].strip() for a in common.generate(
-            model, processor, [(m, p["question"]) for p, m in zip(prompts, media)], "cpu", cfg.max_new_tokens,
-            batch_size=cfg.batch_size)]
+    cfg = evaluation.Config(data_dir=args.data_dir, base_policy=args.before, policy=args.after)
+    with tempfile.TemporaryDirectory() as tmp:   # 05's answers, exactly; unreadable media are counted there
+        skips = common.SkipLog(Path(tmp) / "skipped.jsonl")
+        prompts, _, answers = evaluation.policy_answers(cfg, "cpu", skips)
+        if skips.total:
+            print(skips.summary().split("; see")[0])
     pairs = collections.Counter((r["task"], r["prompt"]) for r in common.read_jsonl(args.pairs)) if args.pairs else {}
     print(table(prompts, answers, pairs))
-
 
 if __name__ == "__main__":
     main()
