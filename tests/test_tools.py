@@ -164,6 +164,8 @@ def test_bench_step_runs_both_variants(toy):
     assert out.returncode == 0, out.stderr
     lines = [line for line in out.stdout.splitlines() if " ms, after " in line]
     assert [line.split(":")[0] for line in lines] == ["judge step", "base step"]
+    floor = [line for line in out.stdout.splitlines() if line.startswith("model work alone:")]
+    assert len(floor) == 1 and float(floor[0].split("= ")[1].split()[0]) > 0
 
 
 def test_check_curve_draws_01s_world_and_probing_leaves_the_base_unchanged(tmp_path, prep):
