@@ -597,7 +597,9 @@ def grounding_targets(processor, shown_in_order) -> tuple[list[int], torch.Tenso
 
 def pretrain_base(cfg, corpus, out_dir: Path, on_step=None):
     """Build the tiny VLM and pretrain it on descriptions and questions (a plain loop; stage 02 has the
-    full-featured one). Deterministic for a given seed on CPU (bf16 kernels on CUDA are not).
+    full-featured one). Deterministic on CPU for a given seed, machine and number of threads (each
+    of these changes the order in which kernels add numbers, and so the weights; README, Results);
+    bf16 kernels on CUDA are not deterministic.
 
     Besides the usual answer cross-entropy, a grounding loss asks the mean visual token of each medium
     to name the medium's attributes through the (tied) language-model head. Real VLMs come with visual
