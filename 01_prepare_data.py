@@ -879,7 +879,8 @@ class Config:
     quality_qa_share: float = 0.01   # its share of the policy's questions: with 0.03 the base answered 95.5% of the
                                      # picture questions and DPO had nothing to gain; with 0 it forgot them (68%)
     quality_compare: float = 0.0     # its share of two-media examples asking which one fits a caption (multi_example);
-                                     # 0.5 helped two judges compare clips, on one base only (README, session 11)
+                                     # 0.5 helped two judges on one base (session 11), not on another draw of
+                                     # the same recipe (one thread instead of two; README, session 12)
 
 
 def main(cfg: Config) -> None:
