@@ -88,8 +88,9 @@ def base_step(model, visual, optimizer, batch, ids, target, foreach) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def base_runner(base: str, after: bool):
-    """A closure running n base-pretraining steps of one variant (as 01's loop: draw, process, train)."""
+def base_runner(base: str, after: bool, predrawn: bool = False):
+    """A closure running n base-pretraining steps of one variant (as 01's loop: draw, process, train).
+    predrawn: train on 10 batches drawn and encoded beforehand, in turn, to time the model's work alone."""
     cfg = prep.Config()
     processor = common.load_processor(base)
     model = common.load_model(base, train=True)
@@ -97,29 +98,14 @@ def base_runner(base: str, after: bool):
     foreach = True if after else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.base_lr, foreach=foreach)
     rng = np.random.default_rng([0, 7])
-
-    def run(n: int) -> None:
-        for _ in range(n):
-            base_step(model, visual, optimizer, *draw_base_batch(processor, rng, cfg, after), foreach)
-    return run
-
-
-def base_model_runner(base: str):
-    """A closure running n base steps (the `after` variant) on batches drawn and encoded beforehand:
-    the model's work alone."""
-    cfg = prep.Config()
-    processor = common.load_processor(base)
-    model = common.load_model(base, train=True)
-    visual = prep.VisualTokens(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.base_lr, foreach=True)
-    rng = np.random.default_rng([0, 7])
-    ready = [draw_base_batch(processor, rng, cfg, True) for _ in range(10)]
+    ready = [draw_base_batch(processor, rng, cfg, after) for _ in range(10)] if predrawn else []
     k = 0
 
     def run(n: int) -> None:
         nonlocal k
         for _ in range(n):
-            base_step(model, visual, optimizer, *ready[k % len(ready)], True)
+            drawn = ready[k % len(ready)] if ready else draw_base_batch(processor, rng, cfg, after)
+            base_step(model, visual, optimizer, *drawn, foreach)
             k += 1
     return run
 
@@ -150,7 +136,7 @@ def main():
         slow, fast = side_by_side(b, f, a.blocks, a.steps)
         print(f"{name}: before {1000 * slow:.1f} ms, after {1000 * fast:.1f} ms, {slow / fast:.2f}x")
     # the floor: a judge step of the `after` variant draws from its cache (well under a millisecond)
-    judge_ms, base_ms = side_by_side(judge_runner(a.base, a.data_dir, True), base_model_runner(a.base),
+    judge_ms, base_ms = side_by_side(judge_runner(a.base, a.data_dir, True), base_runner(a.base, True, predrawn=True),
                                      a.blocks, a.steps)
     p, j = prep.Config(), judge.Config()
     base_steps = p.base_steps + p.quality_steps
