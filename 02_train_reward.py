@@ -5,7 +5,7 @@ for all four tasks at once: "Image 1 is better than Image 2." for a pair, "Final
 single item. No reward head, no special loss: the verdict is text, and only the answer tokens carry
 loss (the prompt and the media tokens are masked out).
 
-    python 02_train_reward.py                                  # toy: runs/toy/base -> runs/toy/reward
+    python 02_train_reward.py                                  # toy: toy/base -> runs/toy/reward
     python 02_train_reward.py --base Qwen/Qwen2.5-VL-3B-Instruct --data-dir data/unified \
         --template paper --out-dir runs/real/reward                        # same code, real model
 """
@@ -27,20 +27,20 @@ import common
 @dataclasses.dataclass
 class Config:
     data_dir: str = "runs/toy/data"   # folder with reward_train.jsonl, reward_test.jsonl and their media
-    base: str = "runs/toy/base"       # checkpoint to start from: hub id or local folder (any Qwen2.5-VL)
+    base: str = "toy/base"            # checkpoint to start from: hub id or local folder (any Qwen2.5-VL)
     out_dir: str = "runs/toy/reward"  # judge checkpoint, log.jsonl, skipped.jsonl
     template: str = "short"           # wording for judging held-out records (both orders): short or paper
-    steps: int = 3000                 # optimizer steps (01 + 02 took 12.5-16.5 minutes on 2-core machines: README, Results)
+    steps: int = 3000                 # optimizer steps
     batch_size: int = 8               # examples per micro-batch (8 escaped the plateau sooner in wall time than 16)
     grad_accum: int = 1               # micro-batches per optimizer step
     lr: float = 5e-4                  # peak learning rate (AdamW); ~1e-5 for a 3B model. The tiny judge must reuse its
-                                      # base's checking: 5e-4 beat 3e-4 on the mean of three seeds; 7e-4 broke 2 of 3 (README)
+                                      # base's checking: 5e-4 beat 3e-4 on the mean of three seeds; 7e-4 broke 2 of 3
     warmup: int = 100                 # linear warmup steps, then cosine decay to 10%
     weight_decay: float = 0.0         # AdamW weight decay (0.1 slowed the tiny model down)
     clip: float = 1.0                 # gradient-norm clipping
     bt_weight: float = 0.0            # weight of an extra Bradley-Terry term on pairwise verdicts (0 = off)
     train_vision: bool = False        # also fine-tune the vision tower. Frozen (LLaMA-Factory's default too), steps are
-                                      # 20% cheaper and the toy judge learns more per step (README, "Freeze the vision tower")
+                                      # 20% cheaper and the toy judge learns more per step
     cache: bool = True                # keep every encoded example in memory after its first use (with the tower
                                       # frozen, its output, not the pixels: 1.2 GB peak on the toy); off for large sets
     max_len: int = 2048               # longest example in tokens; longer ones are skipped, never truncated
@@ -48,9 +48,6 @@ class Config:
     eval_size: int = 32               # test records per task and kind in periodic evals (0 = all; the final one uses all)
     seed: int = 0                     # seeds data order and initialisation of anything random
     resume: bool = False              # continue from the checkpoint in out_dir
-    swap: bool = False                # show each pairwise example in a random order, verdict flipped to match. Off:
-                                      # on the toy it helped one of three seeds of 02 and hurt the other two
-                                      # (README, "Pairs in both orders")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -60,36 +57,32 @@ def reward_loss(model, batch, kinds: list[str], decisive: list | None, bt_weight
     """Token cross-entropy on the answer tokens, plus an optional Bradley-Terry term.
 
     batch: collated examples; kinds: (B,) "pairwise"/"pointwise"; decisive: per row None, or
-    (position, right token, wrong token) for a pairwise example with a strict label: the position
-    whose next token decides the verdict ("Image [1]" vs "Image [2]").
+    (position, right token, wrong token) for a pairwise example with a strict label: the position of
+    the token that decides the verdict ("Image [1]" vs "Image [2]") in input_ids.
 
     CE = mean over answer tokens t of -log p(x_t | x_<t)       (the paper's only loss)
-    BT = mean over strict pairs of -log sigmoid(z_right - z_wrong)
-    where z are the logits of the two opposite verdict tokens at the decisive position: the
-    log-probability gap between "Image 1 is better" and "Image 2 is better", since the rest of both
-    answers follows deterministically from that token.
+    BT = mean over strict pairs of -log sigmoid(log p(right) - log p(wrong))
+    at the decisive position: the log-probability gap between "Image 1 is better" and "Image 2 is
+    better", since the rest of both answers follows deterministically from that token.
     Returns (loss, stats) with stats = per-kind mean CE and the BT term, as floats.
     """
-    h = common.hidden_states(model, batch)                       # (B, L, H)
-    target = batch["answer_mask"][:, 1:]                         # (B, L-1): token t predicted at t-1
-    logits = model.lm_head(h[:, :-1][target]).float()            # (N, V) only where the answer is
-    tokens = batch["input_ids"][:, 1:][target]                   # (N,)
-    nll = -logits.log_softmax(-1).gather(1, tokens[:, None])[:, 0]   # (N,)
-    rows = target.nonzero()[:, 0]                                # (N,) batch row of each answer token
+    pairs = [(r, d) for r, d in enumerate(decisive or []) if d is not None] if bt_weight > 0 else []
+    other = None
+    if pairs:   # the wrong verdict token in place of the right one, at each decisive position
+        other = batch["input_ids"].clone()
+        for r, (pos, _, wrong) in pairs:
+            other[r, pos] = wrong
+    logps, rows, other_logps = common.answer_token_logps(model, batch, other)   # (N,) each
+    nll = -logps
     loss = nll.mean()
     stats = {}
     for kind in common.KINDS:
         sel = torch.tensor([kinds[r] == kind for r in rows.tolist()], device=nll.device)
         if sel.any():
             stats[f"ce_{kind}"] = nll[sel].mean().item()
-    pairs = [(r, d) for r, d in enumerate(decisive or []) if d is not None]
-    if bt_weight > 0 and pairs:
-        r_idx = torch.tensor([r for r, _ in pairs], device=h.device)
-        pos = torch.tensor([d[0] for _, d in pairs], device=h.device)
-        z = model.lm_head(h[r_idx, pos]).float()                 # (P, V)
-        right = z.gather(1, torch.tensor([[d[1]] for _, d in pairs], device=h.device))[:, 0]
-        wrong = z.gather(1, torch.tensor([[d[2]] for _, d in pairs], device=h.device))[:, 0]
-        bt = -torch.nn.functional.logsigmoid(right - wrong).mean()
+    if pairs:
+        at = (batch["input_ids"] != other)[:, 1:][batch["answer_mask"][:, 1:]]    # (N,) True where swapped
+        bt = -torch.nn.functional.logsigmoid(logps[at] - other_logps[at]).mean()
         loss = loss + bt_weight * bt
         stats["bt"] = bt.item()
     return loss, stats
@@ -107,26 +100,6 @@ def decisive_tokens(tokenizer, record) -> tuple[int, int, int] | None:
 
 # ---------------------------------------------------------------------------------------------
 # data
-
-def swapped_pair(record: dict) -> dict | None:
-    """The pairwise record with its two candidates in the other order and the verdict flipped: media
-    reversed for generation, answers for understanding. None when the record's question and answer are
-    not exactly what the short template renders from its fields (the toy's are): released text, such as
-    a verdict that reasons about "Image 1" by name, cannot be flipped."""
-    if record["kind"] != "pairwise" or record.get("label") not in (0, 1, 2) or not record.get("prompt"):
-        return None
-    task, responses = record["task"], record.get("responses") or []
-    if (record["question"] != common.render_question(task, "pairwise", record["prompt"], responses)
-            or record["answer"] != common.render_answer(task, "pairwise", label=record["label"])):
-        return None
-    generation = task.endswith("generation")
-    media = record["media"][::-1] if generation else record["media"]
-    responses = responses if generation else responses[::-1]
-    label = {0: 0, 1: 2, 2: 1}[record["label"]]
-    return {**record, "media": media, "responses": responses, "label": label,
-            "question": common.render_question(task, "pairwise", record["prompt"], responses),
-            "answer": common.render_answer(task, "pairwise", label=label)}
-
 
 def load_records(cfg, split: str, skips: common.SkipLog) -> list[dict]:
     """Read and check reward_{split}.jsonl; unusable records are skipped, counted and named."""
@@ -178,9 +151,7 @@ class Batches:
         self.frozen, self.device = frozen, device
         self.rng = random.Random(seed)
         self.order, self.pos, self.bad = [], 0, set()
-        self.cache: dict[tuple, tuple] = {}   # (record index, swapped) -> (encoded example, decisive position)
-        # the pairs `--swap` may show in the other order (decided once: the check renders the record's text)
-        self.swappable = {i for i, r in enumerate(records) if swapped_pair(r)} if cfg.swap else set()
+        self.cache: dict[int, tuple] = {}   # record index -> (encoded example, decisive position)
 
     def state(self) -> dict:
         return {"rng": self.rng.getstate(), "order": self.order, "pos": self.pos, "bad": sorted(self.bad)}
@@ -204,22 +175,21 @@ class Batches:
         self.bad.add(i)
         self.skips.add(Path(self.cfg.data_dir) / "reward_train.jsonl", self.records[i]["id"], str(err))
 
-    def _encoded(self, keys: list[tuple[int, bool]]) -> dict:
-        """{(i, swapped): (encoded example, decisive (position, right token, wrong token) or None)} for
-        record i, or its swapped pair. Reading and processing media is most of a first epoch's cost, so
-        with `cache` it happens once per record and order, and a batch's new examples share one
-        processor call (2.9 -> 1.2 ms per toy example). A key whose media cannot be read, or which does
-        not fit max_len, is left out and its record skipped."""
+    def _encoded(self, keys: list[int]) -> dict:
+        """{i: (encoded example, decisive (position, right token, wrong token) or None)} for record i.
+        Reading and processing media is most of a first epoch's cost, so with `cache` it happens once per
+        record, and a batch's new examples share one processor call (2.9 -> 1.2 ms per toy example). A
+        record whose media cannot be read, or which does not fit max_len, is left out and skipped."""
         out = {k: self.cache[k] for k in keys if k in self.cache}
         new = {}
         for k in dict.fromkeys(keys):
             if k in out:
                 continue
-            r = swapped_pair(self.records[k[0]]) if k[1] else self.records[k[0]]
+            r = self.records[k]
             try:
                 new[k] = (r, common.load_media(r["media"], self.cfg.data_dir))
             except common.MediaError as err:
-                self._skip(k[0], err)
+                self._skip(k, err)
         # train on the record's own question: rendered by 01 for the toy, verbatim for released data
         examples = [(media, r["question"], r["answer"]) for r, media in new.values()]
         try:
@@ -230,14 +200,14 @@ class Batches:
                 try:
                     encs.append(common.encode(self.processor, *ex, self.cfg.max_len))
                 except common.TooLong as err:
-                    self._skip(k[0], err)
+                    self._skip(k, err)
                     encs.append(None)
         for (k, (r, _)), e in zip(new.items(), encs):
             if e is None:
                 continue
             d = decisive_tokens(self.processor.tokenizer, r)
             prompt_len = int((~e["answer_mask"]).sum())
-            out[k] = (e, None if d is None else (prompt_len + d[0] - 1, d[1], d[2]))
+            out[k] = (e, None if d is None else (prompt_len + d[0], d[1], d[2]))
             if self.cfg.cache:
                 self.cache[k] = out[k]
         return out
@@ -248,17 +218,14 @@ class Batches:
         while len(picks) < self.cfg.batch_size:
             if len(self.bad) == len(self.records):
                 raise RuntimeError(f"every training record was skipped; see {self.skips.path}")
-            draws = []
-            for _ in range(self.cfg.batch_size - len(picks)):
-                i = self._next_record()
-                draws.append((i, i in self.swappable and self.rng.random() < 0.5))
+            draws = [self._next_record() for _ in range(self.cfg.batch_size - len(picks))]
             got = self._encoded(draws)
             picks += [(k, got[k]) for k in draws if k in got]
         encs = [e for _, (e, _) in picks]
         if self.frozen is not None:
             frozen_tower_features(self.frozen, encs, self.device)
         return (common.collate(encs, self.processor.tokenizer.pad_token_id),
-                [self.records[i]["kind"] for (i, _), _ in picks], [d for _, (_, d) in picks])
+                [self.records[i]["kind"] for i, _ in picks], [d for _, (_, d) in picks])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,6 +276,8 @@ def no_pixels_control(model, processor, records, cfg, device, skips) -> dict:
 def main(cfg: Config) -> dict:
     common.set_seed(cfg.seed)
     device = common.get_device()
+    common.require(Path(cfg.data_dir) / "reward_train.jsonl", "--data-dir", "01_prepare_data.py", hub_ok=False)
+    common.require(cfg.base, "--base", "python -m toy.pretrain_base")
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     skips = common.SkipLog(out / "skipped.jsonl")

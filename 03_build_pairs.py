@@ -10,7 +10,7 @@ Generation prompts: candidates come from any text-to-image/video model as a json
 {"id", "task", "prompt", "media": [paths]} -> gen_pairs.jsonl in the Diffusion-DPO layout
 ({"caption", "jpg_0": chosen, "jpg_1": rejected, "label_0": 1, scores}; clips use "mp4_0"/"mp4_1").
 
-    python 03_build_pairs.py                                   # toy: base policy, trained toy judge
+    python 03_build_pairs.py                                   # toy: toy/base answers, runs/toy/reward judges
     python 03_build_pairs.py --reward CodeGoat24/UnifiedReward-qwen-3b --template paper --judge generate
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ import common
 @dataclasses.dataclass
 class Config:
     data_dir: str = "runs/toy/data"    # prompts_train.jsonl, gen_candidates.jsonl and their media
-    policy: str = "runs/toy/base"      # the policy that answers: hub id or folder (any Qwen2.5-VL)
+    policy: str = "toy/base"           # the policy that answers: hub id or folder (any Qwen2.5-VL)
     reward: str = "runs/toy/reward"    # the judge: hub id or folder
     out_dir: str = "runs/toy/pairs"    # candidates.jsonl, pairs.jsonl, gen_pairs.jsonl, sheet.png
     template: str = "short"            # judge prompt wording: short (toy) or paper (released judges)
@@ -40,7 +40,6 @@ class Config:
     gen_scale: str = "1,5"             # the judge's pointwise scale for generated media
     chunk: int = 16                    # prompts per chunk; output is appended after each chunk
     batch_size: int = 16               # sequences per forward pass
-    bench: int = 32                    # pairwise judgments timed forward vs generate (0 = skip)
     seed: int = 0                      # sampling seed
     resume: bool = False               # continue an interrupted run: skip prompts already in candidates.jsonl
 
@@ -192,6 +191,9 @@ def main(cfg: Config) -> dict:
     common.set_seed(cfg.seed)
     device = common.get_device()
     out, data = Path(cfg.out_dir), Path(cfg.data_dir)
+    common.require(data / "prompts_train.jsonl", "--data-dir", "01_prepare_data.py", hub_ok=False)
+    common.require(cfg.reward, "--reward", "02_train_reward.py")
+    common.require(cfg.policy, "--policy", "python -m toy.pretrain_base")
     out.mkdir(parents=True, exist_ok=True)
     skips = common.SkipLog(out / "skipped.jsonl")
     done = set()
@@ -259,8 +261,6 @@ def main(cfg: Config) -> dict:
                 "truly_better": None if truth is None else truth[ch] > truth[rj]})
 
     report = summarize(cfg, out, judge, skips)
-    if cfg.bench:
-        report["speed"] = benchmark(judge, cfg, data, device)
     common.write_jsonl(out / "report.jsonl", [report])
     return report
 
@@ -291,27 +291,6 @@ def summarize(cfg, out, judge, skips) -> dict:
                     "chosen_score": p["chosen_score"], "rejected_score": p["rejected_score"]}
                    for p in common.read_jsonl(out / "gen_pairs.jsonl")], cfg.data_dir, out / "sheet.png")
     return report
-
-
-def benchmark(judge, cfg, data, device) -> dict:
-    """Pairwise judgments per second, one-forward readout vs generate + parsing, same model and inputs."""
-    gen = [g for g in common.read_jsonl(data / "gen_candidates.jsonl")][: max(1, cfg.bench // 5)]
-    recs, media = [], []
-    for g in gen:
-        m = common.load_media(g["media"], data)
-        for i in range(0, len(m) - 1, 2):
-            recs.append({"task": g["task"], "kind": "pairwise", "prompt": g["prompt"], "responses": []})
-            media.append([m[i], m[i + 1]])
-    recs, media = recs[:cfg.bench], media[:cfg.bench]
-    timings = {}
-    for mode in ("forward", "generate"):
-        t = time.time()
-        judge.pairs(recs, media, mode)
-        timings[mode] = len(recs) / (time.time() - t)
-    ratio = timings["forward"] / timings["generate"]
-    print(f"speed on {len(recs)} pairs: forward {timings['forward']:.1f}/s, generate+parse "
-          f"{timings['generate']:.1f}/s -> {ratio:.1f}x")
-    return {"pairs": len(recs), **{f"{k}_per_s": v for k, v in timings.items()}, "ratio": ratio}
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@
      and the judge's win rate of the after-answer over the before-answer.
   3. Pair precision of stage 3's pairs: the share whose chosen is truly better.
 
-    python 05_eval.py                     # toy: everything under runs/toy -> runs/toy/eval
+    python 05_eval.py                     # toy: toy/base and everything under runs/toy -> runs/toy/eval
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ import common
 class Config:
     data_dir: str = "runs/toy/data"        # reward_test.jsonl, prompts_test.jsonl and media
     reward: str = "runs/toy/reward"        # the judge
-    base_policy: str = "runs/toy/base"     # the policy before DPO
+    base_policy: str = "toy/base"          # the policy before DPO
     policy: str = "runs/toy/policy"        # the policy after DPO ("" = skip the policy section)
     pairs_dir: str = "runs/toy/pairs"      # stage 3 output, for pair precision ("" = skip)
     out_dir: str = "runs/toy/eval"         # results.json, results.md
@@ -331,6 +331,14 @@ def to_markdown(results) -> str:
 def main(cfg: Config) -> dict:
     common.set_seed(cfg.seed)
     device = common.get_device()
+    common.require(cfg.reward, "--reward", "02_train_reward.py")
+    if not cfg.benchmarks:
+        common.require(Path(cfg.data_dir) / "reward_test.jsonl", "--data-dir", "01_prepare_data.py", hub_ok=False)
+        for flag, value, stage in (("--base-policy", cfg.base_policy, "python -m toy.pretrain_base"),
+                                   ("--policy", cfg.policy, "04_dpo.py"),
+                                   ("--pairs-dir", cfg.pairs_dir, "03_build_pairs.py")):
+            if value:
+                common.require(value, flag, stage)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     skips = common.SkipLog(out / "skipped.jsonl")

@@ -1,7 +1,10 @@
 """03_build_pairs.py: pair ranking + point sifting, symmetric judging, outputs, resume, bad input."""
 import dataclasses
+import hashlib
 import json
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -59,8 +62,9 @@ def test_both_order_judging_is_symmetric(tiny, toy):
 
 
 def run(toy, tmp_path, **kw):
+    kw = {"n_samples": 4, "max_new_tokens": 8, "chunk": 2, **kw}
     cfg = pairs.Config(data_dir=str(toy / "data"), policy=str(toy / "base"), reward=str(toy / "base"),
-                       out_dir=str(tmp_path / "pairs"), n_samples=4, max_new_tokens=8, chunk=2, bench=4, **kw)
+                       out_dir=str(tmp_path / "pairs"), **kw)
     return pairs.main(cfg)
 
 
@@ -83,7 +87,78 @@ def test_builds_pairs_and_reports(toy, tmp_path):
         assert p["label_0"] == 1 and ("jpg_0" in p) == (p["task"] == "image_generation")
     tasks = report["tasks"]
     assert sum(t["kept"] + t["dropped"] for t in tasks.values()) == len(cands)
-    assert report["speed"]["ratio"] > 0 and (out / "sheet.png").exists() or not kept
+    assert (out / "sheet.png").exists() == bool(common.read_jsonl(out / "gen_pairs.jsonl"))
+
+
+def pixel_key(medium) -> str:
+    return hashlib.sha1((medium.frames if isinstance(medium, common.Video) else np.asarray(medium)).tobytes()).hexdigest()
+
+
+class OracleJudge:
+    """A judge that knows the toy world's truth, looked up by the pixels it is shown: an answer scores
+    1 + its right attributes, a generated candidate its true score; the first of a pair wins unless the
+    second is truly better. It stands in for the model so that which pairs 03 must keep is known."""
+
+    def __init__(self, data):
+        self.scene, self.truth = {}, {}
+        for p in common.read_jsonl(data / "prompts_train.jsonl"):
+            self.scene[pixel_key(common.load_media(p["media"], data)[0])] = p
+        for g in common.read_jsonl(data / "gen_candidates.jsonl"):
+            for m, t in zip(common.load_media(g["media"], data), g["truth"]):
+                self.truth[pixel_key(m)] = t
+        self.judgments, self.seconds, self.unparsed = 0, 0.0, 0
+
+    def score_of(self, record, media) -> int:
+        if record["task"].endswith("generation"):
+            return self.truth[pixel_key(media[0])]
+        return 1 + pairs.n_right(record["responses"][0], self.scene[pixel_key(media[0])])
+
+    def single(self, record, media, k):
+        if record["task"].endswith("generation"):
+            return {**record, "kind": "pointwise"}, [media[k]]
+        return {**record, "kind": "pointwise", "responses": [record["responses"][k]]}, media
+
+    def pairs(self, records, media, mode=None):
+        out = []
+        for r, m in zip(records, media):
+            first, second = (self.score_of(*self.single(r, m, k)) for k in (0, 1))
+            out.append(first >= second)
+        return out
+
+    def scores(self, records, media):
+        return [(s, float(s)) for s in (self.score_of(r, m) for r, m in zip(records, media))]
+
+
+def test_keeps_exactly_the_pairs_the_papers_selection_wants(toy, tmp_path, monkeypatch):
+    """With a judge that knows the truth, 03 keeps a prompt exactly when the fixed-pair ranking and the
+    strict filter say so, and every kept pair's chosen is truly better, for answers and generated media."""
+    monkeypatch.setattr(pairs, "Judge", lambda cfg, device: OracleJudge(Path(cfg.data_dir)))
+    run(toy, tmp_path, n_samples=6, temperature=1.5)
+    out = tmp_path / "pairs"
+    cands = {c["id"]: c for c in common.read_jsonl(out / "candidates.jsonl")}
+    kept = common.read_jsonl(out / "pairs.jsonl")
+    gen_kept = common.read_jsonl(out / "gen_pairs.jsonl")
+    assert len(kept) >= 2 and len(gen_kept) >= 2         # both kinds of pair are written
+    prompts = {p["id"]: p for p in common.read_jsonl(toy / "data" / "prompts_train.jsonl")}
+    for c in cands.values():
+        truth = [1 + t for t in c["truth_right"]] if "truth_right" in c else c["truth_score"]
+        # the paper's selection by hand: winners of (0,1), (2,3), ...; best winner against worst loser
+        winners = [i if truth[i] >= truth[i + 1] else i + 1 for i in range(0, len(truth) - 1, 2)]
+        losers = [i ^ 1 for i in winners]
+        best = max(winners, key=lambda i: (truth[i], -i))
+        worst = min(losers, key=lambda i: (truth[i], i))
+        want = (best, worst) if truth[best] > truth[worst] else (None, None)
+        assert (c["chosen"], c["rejected"]) == want, c["id"]
+    assert {p["id"] for p in kept + gen_kept} == {i for i, c in cands.items() if c["chosen"] is not None}
+    for p in kept:
+        c = cands[p["id"]]
+        assert p["media"] == prompts[p["id"]]["media"] and p["prompt"] == prompts[p["id"]]["question"]
+        assert (p["chosen"], p["rejected"]) == (c["samples"][c["chosen"]], c["samples"][c["rejected"]])
+        assert p["truly_better"] is True and p["chosen_score"] > p["rejected_score"]
+    for p in gen_kept:
+        c, key = cands[p["id"]], "jpg" if p["task"] == "image_generation" else "mp4"
+        assert (p[f"{key}_0"], p[f"{key}_1"]) == (c["samples"][c["chosen"]], c["samples"][c["rejected"]])
+        assert p["label_0"] == 1 and p["truly_better"] is True
 
 
 def test_resume_and_bad_input(toy, tmp_path):
@@ -98,7 +173,7 @@ def test_resume_and_bad_input(toy, tmp_path):
             dict(gen[0], id="broken", media=gen[0]["media"][:1] + ["media/gone.png"])]
     common.write_jsonl(data / "gen_candidates.jsonl", gen)
     cfg = pairs.Config(data_dir=str(data), policy=str(toy / "base"), reward=str(toy / "base"),
-                       out_dir=str(tmp_path / "pairs"), n_samples=4, max_new_tokens=8, bench=0)
+                       out_dir=str(tmp_path / "pairs"), n_samples=4, max_new_tokens=8)
     pairs.main(cfg)
     reasons = {json.loads(l)["id"]: json.loads(l)["reason"] for l in (tmp_path / "pairs" / "skipped.jsonl").read_text().splitlines()}
     assert reasons["gone"].startswith("unreadable media") and reasons["broken"].startswith("unreadable candidate")

@@ -42,10 +42,28 @@ def test_pointwise_metrics_by_hand():
 
 
 def test_eval_runs_end_to_end(toy, tmp_path):
+    """The policy section on two different checkpoints: the shipped base before, and after it a copy
+    whose language model was nudged, so that some greedy answers change. Its accuracies and counts are
+    recomputed here from the answers themselves."""
+    import torch
+    after = common.load_model(toy / "base")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in after.model.language_model.layers[-1].parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    common.save_checkpoint(after, common.load_processor(toy / "base"), tmp_path / "after")
     cfg = ev.Config(data_dir=str(toy / "data"), reward=str(toy / "base"), base_policy=str(toy / "base"),
-                    policy=str(toy / "base"), pairs_dir="", out_dir=str(tmp_path / "eval"), max_new_tokens=8)
+                    policy=str(tmp_path / "after"), pairs_dir="", out_dir=str(tmp_path / "eval"), max_new_tokens=8)
     results = ev.main(cfg)
     assert set(results["judge"]) == set(common.TASKS)
+    prompts, _, answers = ev.policy_answers(cfg, "cpu", common.SkipLog(tmp_path / "skips.jsonl"))
+    assert answers["before"] != answers["after"]
     for task, m in results["policy"].items():
-        assert m["before"] == m["after"] and m["changed_answers"] == 0        # same checkpoint twice
+        idx = [i for i, p in enumerate(prompts) if p["task"] == task]
+        for name in ("before", "after"):
+            right = sum(ev.normalize(answers[name][i]) == ev.normalize(prompts[i]["answer"]) for i in idx)
+            assert m[name]["accuracy"] == right / len(idx) and m[name]["n"] == len(idx)
+        changed = sum(ev.normalize(answers["before"][i]) != ev.normalize(answers["after"][i]) for i in idx)
+        assert m["changed_answers"] == changed
+    assert sum(m["changed_answers"] for m in results["policy"].values()) > 0
     assert (tmp_path / "eval" / "results.md").read_text().startswith("## Reward model")

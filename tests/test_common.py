@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import common
+from toy import world
 
 
 def image(colour=(200, 30, 30)):
@@ -92,7 +93,7 @@ def test_answer_logps_match_independent_cross_entropy(tiny):
     encs = [common.encode(processor, [image()], "Rate it.", "Final Score: 3"),
             common.encode(processor, [image(), image()], "Which?", "Both images are equally good.")]
     batch = common.collate(encs, processor.tokenizer.pad_token_id)
-    logps, rows = common.answer_token_logps(model, batch)
+    logps, rows, _ = common.answer_token_logps(model, batch)
     # independent: full logits from the model's own forward, labels -100 outside the answer
     logits = model(**common.model_inputs(batch)).logits[:, :-1]
     labels = batch["input_ids"][:, 1:].masked_fill(~batch["answer_mask"][:, 1:], -100)
@@ -102,11 +103,11 @@ def test_answer_logps_match_independent_cross_entropy(tiny):
     assert torch.allclose(per_row, torch.stack([logps[rows == i].sum() for i in range(2)]))
 
 
-def test_video_decode_to_forward(tiny, tmp_path, prep):
+def test_video_decode_to_forward(tiny, tmp_path):
     model, processor = tiny
-    frames = prep.render_video({"colour": "red", "direction": "right", "size": "large"}, None,
+    frames = world.render_video({"colour": "red", "direction": "right", "size": "large"}, None,
                                np.random.default_rng(0))
-    prep.write_mp4(frames, tmp_path / "clip.mp4")
+    world.write_mp4(frames, tmp_path / "clip.mp4")
     v = common.load_video(tmp_path / "clip.mp4")
     assert v.frames.shape == (8, 64, 64, 3) and abs(v.fps - 8.0) < 1e-6
     assert np.abs(v.frames.astype(int) - frames).mean() < 2          # near lossless 4:4:4 encoding

@@ -8,6 +8,7 @@ from PIL import Image
 
 import common
 from conftest import stage
+from toy import world
 
 prep = stage("01_prepare_data")
 ev = stage("05_eval")
@@ -43,8 +44,8 @@ def released(tmp_path_factory):
         png(root / "VideoDPO" / f)
     for k in range(8):
         png(root / "VideoFeedback" / "frames" / "v1" / f"{k}.png")
-    prep.write_mp4(np.full((8, 32, 32, 3), 90, np.uint8), root / "LiFT-HRA" / "clip.mp4")
-    prep.write_mp4(np.full((8, 32, 32, 3), 90, np.uint8), root / "ShareGPTVideo" / "videos" / "v.mp4")
+    world.write_mp4(np.full((8, 32, 32, 3), 90, np.uint8), root / "LiFT-HRA" / "clip.mp4")
+    world.write_mp4(np.full((8, 32, 32, 3), 90, np.uint8), root / "ShareGPTVideo" / "videos" / "v.mp4")
     two = "<image>\n<image>\n"
     write(root / "HPD" / "train_data.json", [
         {"id": "h1", "images": ["images/a.png", "images/b.png"],
@@ -150,8 +151,8 @@ def benches(tmp_path_factory):
         {"prompt": "a red square", "left_image": "l.png", "right_image": "r.png", "vote_type": v}) for v in votes))
     vg = root / "videogen"
     vg.mkdir()
-    prep.write_mp4(np.full((8, 32, 32, 3), 90, np.uint8), vg / "a.mp4")
-    prep.write_mp4(np.full((8, 32, 32, 3), 160, np.uint8), vg / "b.mp4")
+    world.write_mp4(np.full((8, 32, 32, 3), 90, np.uint8), vg / "a.mp4")
+    world.write_mp4(np.full((8, 32, 32, 3), 160, np.uint8), vg / "b.mp4")
     (vg / "eval.jsonl").write_text("\n".join(json.dumps(
         {"prompt": "a car", "path_A": "a.mp4", "path_B": "b.mp4", "Overall": o}) for o in ("A", "B", "same")))
     return root

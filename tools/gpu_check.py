@@ -1,4 +1,4 @@
-"""GPU smoke test at real scale (issue 4): a random-weight Qwen2.5-VL of the 3B shape, 20 training
+"""GPU smoke test at real scale: a random-weight Qwen2.5-VL of the 3B shape, 20 training
 steps of 02 on a few hundred toy records, then 05's judge evaluation on the toy test set.
 Prints tokens/s, peak GPU memory and any failure. Run on a CUDA machine:
 
@@ -17,6 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
+from toy.tiny_vlm import TINY, build_tiny_vlm  # noqa: E402
 
 # Qwen2.5-VL-3B-Instruct's shape (its config.json): text 2048 x 36 layers, 16 heads / 2 KV heads,
 # vocab 151,936, tied embeddings; vision 1280 x 32 blocks, patch 14, window attention except 4 blocks.
@@ -32,7 +33,7 @@ def main():
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--tiny", action="store_true", help="the tiny toy shape instead: a dry run on CPU")
     a = ap.parse_args()
-    shape = common.TINY if a.tiny else QWEN_3B
+    shape = TINY if a.tiny else QWEN_3B
     out = Path(a.out)
     prep = importlib.import_module("01_prepare_data")
     train = importlib.import_module("02_train_reward")
@@ -41,10 +42,10 @@ def main():
     try:
         t = time.time()
         prep.main(prep.Config(out_dir=str(out), train_per_group=40, test_per_group=8, policy_train=4, policy_test=4,
-                              gen_prompts=1, base_steps=0))
+                              gen_prompts=1))
         data = out / "data"
         records = common.read_jsonl(data / "reward_train.jsonl") + common.read_jsonl(data / "reward_test.jsonl")
-        model, processor = common.build_tiny_vlm([r["question"] for r in records] + [r["answer"] for r in records],
+        model, processor = build_tiny_vlm([r["question"] for r in records] + [r["answer"] for r in records],
                                                  0, shape)
         if not a.tiny:   # pictures upscaled to 224x224 at least: 64 visual tokens each, a realistic share
             processor.image_processor.size = {"shortest_edge": 224 * 224, "longest_edge": 448 * 448}

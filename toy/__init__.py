@@ -1,0 +1,1 @@
+"""The toy world and its tiny checkpoints: the embedded stand-ins for the hub, not the method."""
