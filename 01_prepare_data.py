@@ -8,8 +8,10 @@ label or score, and the rendered judge question and answer. The records are the 
 
 With no arguments it draws the embedded toy world instead (toy/world.py): synthetic 64x64 pictures and
 8-frame clips of a coloured square whose ground truth is known, so every later stage can be checked
-against the truth. It also writes the policy's questions (prompts_*.jsonl, for stages 3 and 5) and the
-generation prompts with their candidates (gen_candidates.jsonl, for stage 3).
+against the truth. The toy's judge records are published in the released layout (data/sources/) and
+mapped back by the same reader as the released data. The toy also writes the policy's questions
+(prompts_*.jsonl, for stages 3 and 5) and the generation prompts with their candidates
+(gen_candidates.jsonl, for stage 3), which have no released counterpart.
 
     python 01_prepare_data.py                                  # toy world -> runs/toy/data
     python 01_prepare_data.py --data-dir CodeGoat24/UnifiedReward-Data --out-dir runs/real
@@ -94,18 +96,18 @@ def released_media(raw: dict, task: str, kind: str) -> tuple[list, int]:
 def structured_fields(human: str, task: str) -> tuple[str, list[str]]:
     """Best-effort caption/question and the judged answers from the released prompt wording, used to
     re-render the pair in the other order at evaluation time; empty when the wording differs."""
-    if task.endswith("generation"):
-        m = re.search(r"Text (?:Caption|Prompt): \[(.*?)\]", human, re.S)
+    if task.endswith("generation"):   # the released wording, or the short one ("Caption: ...\n")
+        m = re.search(r"Text (?:Caption|Prompt): \[(.*?)\]", human, re.S) or re.search(r"^Caption: (.*?)$", human, re.M)
         return (m.group(1) if m else ""), []
     q = re.search(r"Question: \[?(.*?)\]?\n", human, re.S)
-    answers = re.findall(r"(?:Answer [12]|Response [12]|The (?:first|second) response|Response): \[?(.*?)\]?(?:\n|$)",
-                         human, re.S)
+    answers = re.findall(r"(?:Answer [12]|Response [12]|The (?:first|second) response|Response|Answer): "
+                         r"\[?(.*?)\]?(?:\n|$)", human, re.S)
     return (q.group(1).strip() if q else ""), [a.strip() for a in answers]
 
 
 def to_unified(raw: dict, source: str, media_root: Path, data_dir: Path, index: int) -> dict:
     """One released record -> one unified record (raises Unmappable with the reason)."""
-    task, kind, scale, _ = SOURCES[source]
+    task, kind, scale, _ = {**SOURCES, **world.SOURCES}[source]
     human, gpt = conversation(raw)
     media, n_files = released_media(raw, task, kind)
     placeholders = human.count("<image>") + human.count("<video>")
@@ -171,31 +173,36 @@ def write_released(cfg, data_dir: Path) -> list[dict]:
     records = []
     for src in [s for s in found if s in SOURCES and s in mix]:
         path = root / src / "train_data.json"
-        try:
-            raw = json.loads(path.read_text())
-        except ValueError as e:
-            skips.add(path, None, f"malformed json: {e}")
-            continue
-        if not isinstance(raw, list):
-            skips.add(path, None, f"malformed json: top level is {type(raw).__name__}, not a list")
-            continue
-        media_root = root / src.split("/")[0] / SOURCES[src][3]
-        kept = []
-        for i, r in enumerate(raw):
-            try:
-                if not isinstance(r, dict):
-                    raise Unmappable("record is not an object")
-                rec = to_unified(r, src, media_root, data_dir, i)
-                why = common.check_record(rec, data_dir)
-                if why:
-                    raise Unmappable(why)
-                kept.append(rec)
-            except Unmappable as e:
-                skips.add(path, r.get("id", f"#{i}") if isinstance(r, dict) else f"#{i}", str(e))
-        records += sample(kept, mix[src], rng)
+        records += sample(map_source(path, src, root / src.split("/")[0] / SOURCES[src][3], data_dir, skips),
+                          mix[src], rng)
     print(released_table(records))
     print(skips.summary())
     return records
+
+
+def map_source(path: Path, src: str, media_root: Path, data_dir: Path, skips) -> list[dict]:
+    """Every record of one released json file as a unified record; the others are skipped and named."""
+    try:
+        raw = json.loads(path.read_text())
+    except ValueError as e:
+        skips.add(path, None, f"malformed json: {e}")
+        return []
+    if not isinstance(raw, list):
+        skips.add(path, None, f"malformed json: top level is {type(raw).__name__}, not a list")
+        return []
+    kept = []
+    for i, r in enumerate(raw):
+        try:
+            if not isinstance(r, dict):
+                raise Unmappable("record is not an object")
+            rec = to_unified(r, src, media_root, data_dir, i)
+            why = common.check_record(rec, data_dir)
+            if why:
+                raise Unmappable(why)
+            kept.append(rec)
+        except Unmappable as e:
+            skips.add(path, r.get("id", f"#{i}") if isinstance(r, dict) else f"#{i}", str(e))
+    return kept
 
 
 def released_table(records) -> str:
@@ -242,9 +249,17 @@ def main(cfg: Config) -> None:
                                           "gen_prompts", "gen_candidates")}
     with world.MediaWriter(data) as writer:
         rows, n_bad = world.draw(cfg.seed, sizes, writer, cfg.malformed)
+    # the judge records go out in the released layout and come back through the released reader
+    world.write_sources({"train": rows.pop("reward_train"), "test": rows.pop("reward_test")}, data / "sources")
+    skips = common.SkipLog(data / "skipped.jsonl")
+    for split in ("train", "test"):
+        rows[f"reward_{split}"] = [r for src, spec in world.SOURCES.items() for r in map_source(
+            data / "sources" / src / f"{split}_data.json", src, data / "sources" / src.split("/")[0] / spec[3],
+            data, skips)]
     for name, split in rows.items():
         common.write_jsonl(data / f"{name}.jsonl", split)
     train, test = rows["reward_train"], rows["reward_test"]
+    print(skips.summary())
     print(count_table(train + test))
     print(f"toy world: {len(train)} train / {len(test)} test judge records, "
           f"{len(rows['prompts_train'])} + {len(rows['prompts_test'])} policy questions, "

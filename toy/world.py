@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -276,6 +277,34 @@ def judge_example(task: str, kind: str, rng, tie_keep: float = 0.4):
 
 TASK_CODE = {"image_generation": "ig", "image_understanding": "iu", "video_generation": "vg",
              "video_understanding": "vu"}
+
+
+# The toy's judge records are published in the released LLaVA conversation layout (../shared/FORMATS.md),
+# one source folder per task and kind, as the authors' data is: <data dir>/sources/toy-ig/pairwise/
+# train_data.json and test_data.json. 01 maps them to unified records with the reader it uses for the
+# released data. Media paths are relative to the data folder, two levels above the source's own.
+# source folder -> (task, kind, score scale, media folder inside the source), as 01's SOURCES
+SOURCES = {f"toy-{code}/{kind}": (task, kind, None if kind == "pairwise" else
+                                  (GEN_SCALE if task.endswith("generation") else UND_SCALE), "../..")
+           for task, code in TASK_CODE.items() for kind in common.KINDS}
+
+
+def as_released(record: dict) -> dict:
+    """A toy judge record in the released layout: the media, and the human / gpt turns of the judge."""
+    video = record["task"].startswith("video")
+    tag = "<video>" if video else "<image>"
+    return {"id": record["id"].split("-", 2)[2], "videos" if video else "images": record["media"],
+            "conversations": [{"from": "human", "value": f"{tag}\n" * len(record["media"]) + record["question"]},
+                              {"from": "gpt", "value": record["answer"]}]}
+
+
+def write_sources(records: dict[str, list[dict]], folder: Path) -> None:
+    """Publish {split: judge records} under `folder` in the released layout, one source per task and kind."""
+    for source, (task, kind, _, _) in SOURCES.items():
+        for split, rows in records.items():
+            path = folder / source / f"{split}_data.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps([as_released(r) for r in rows if (r["task"], r["kind"]) == (task, kind)]))
 
 
 class MediaWriter:
