@@ -158,14 +158,25 @@ def sample(items: list, strategy: str, rng) -> list:
 def write_released(cfg, data_dir: Path) -> list[dict]:
     """Map every released source in the mix to unified records; returns them (train and test)."""
     root = Path(cfg.data_dir)
-    if not root.is_dir():                        # a hub id: download when a network is there
-        from huggingface_hub import snapshot_download
+    if not root.is_dir():
+        if not re.fullmatch(r"[\w.-]+/[\w.-]+", cfg.data_dir) or Path(cfg.data_dir).exists():
+            raise SystemExit(f"--data-dir {cfg.data_dir}: no such folder (a folder holding dataset/<Source>/"
+                             "train_data.json, or a hub dataset id)")
+        from huggingface_hub import snapshot_download   # a hub id: download when a network is there
         root = Path(snapshot_download(cfg.data_dir, repo_type="dataset"))
     if (root / "dataset").is_dir():
         root = root / "dataset"
     skips = common.SkipLog(data_dir / "skipped.jsonl")
     mix = parse_mix(cfg.mix)
     found = sorted(str(p.parent.relative_to(root)) for p in root.rglob("train_data.json"))
+    if not any(src in SOURCES for src in found):
+        raise SystemExit(f"no released source under {root}: expected <Source>/train_data.json for one of "
+                         f"{', '.join(SOURCES)}")
+    absent = [src for src in mix if src not in found]
+    if absent and cfg.mix not in ("all", "authors"):
+        raise SystemExit(f"--mix names sources that are not under {root}: {', '.join(absent)}")
+    if absent:
+        print(f"not under {root}, so not in the mix: {', '.join(absent)}")
     for src in found:
         if src not in SOURCES:
             skips.add(root / src / "train_data.json", None, f"unknown source folder: {src}")
@@ -175,23 +186,34 @@ def write_released(cfg, data_dir: Path) -> list[dict]:
         path = root / src / "train_data.json"
         records += sample(map_source(path, src, root / src.split("/")[0] / SOURCES[src][3], data_dir, skips),
                           mix[src], rng)
+    records = deduplicate(records, skips)
     print(released_table(records))
     print(skips.summary())
     return records
 
 
+def deduplicate(records: list[dict], skips) -> list[dict]:
+    """A record repeated exactly is kept once (so it cannot land in both train and test), the others
+    skipped and named; records that share an id but differ are kept under ids made unique ("#2")."""
+    by_content, by_id, out = {}, {}, []
+    for r in records:
+        key = json.dumps({k: v for k, v in r.items() if k != "id"}, sort_keys=True)
+        if key in by_content:
+            skips.add(r["source"], r["id"], f"duplicate record: the same as {by_content[key]}")
+            continue
+        by_content[key] = r["id"]
+        n = by_id[r["id"]] = by_id.get(r["id"], 0) + 1
+        out.append(r if n == 1 else {**r, "id": f"{r['id']}#{n}"})
+    renamed = sum(n - 1 for n in by_id.values())
+    if renamed:
+        print(f"{renamed} records shared an id with a different record and were renamed <id>#2, #3, ...")
+    return out
+
+
 def map_source(path: Path, src: str, media_root: Path, data_dir: Path, skips) -> list[dict]:
     """Every record of one released json file as a unified record; the others are skipped and named."""
-    try:
-        raw = json.loads(path.read_text())
-    except ValueError as e:
-        skips.add(path, None, f"malformed json: {e}")
-        return []
-    if not isinstance(raw, list):
-        skips.add(path, None, f"malformed json: top level is {type(raw).__name__}, not a list")
-        return []
     kept = []
-    for i, r in enumerate(raw):
+    for i, r in common.read_json_list(path, skips):
         try:
             if not isinstance(r, dict):
                 raise Unmappable("record is not an object")

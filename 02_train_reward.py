@@ -264,7 +264,7 @@ def no_pixels_control(model, processor, records, cfg, device, skips) -> dict:
     A judge that ignores the pixels scores the same as with them; ours should fall to chance:
     ~50% on pairs (labels are balanced) and the majority-score share on single items."""
     preds = common.judge_records(model, processor, records, cfg.data_dir, device, cfg.template, skips,
-                                 blank=True, both_orders=False)
+                                 blank=True, both_orders=False, max_len=cfg.max_len)
     out = common.judge_metrics(preds)
     for task in out:
         out[task]["pair_single"] = out[task].get("pair_diff")
@@ -278,14 +278,15 @@ def main(cfg: Config) -> dict:
     device = common.get_device()
     common.require(Path(cfg.data_dir) / "reward_train.jsonl", "--data-dir", "01_prepare_data.py", hub_ok=False)
     common.require(cfg.base, "--base", "python -m toy.pretrain_base")
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    skips = common.SkipLog(out / "skipped.jsonl")
+    out = common.output_dir(cfg.out_dir)
+    if cfg.resume and not (out / "train_state.pt").exists():
+        raise SystemExit(f"--resume: no checkpoint to resume from in {out} (no train_state.pt)")
+    skips = common.SkipLog(out / "skipped.jsonl", resume=cfg.resume)
     train = load_records(cfg, "train", skips)
     test = load_records(cfg, "test", skips)
     print(f"{len(train)} train / {len(test)} test records; {skips.summary()}")
 
-    start = out if cfg.resume and (out / "train_state.pt").exists() else cfg.base
+    start = out if cfg.resume else cfg.base
     model = common.load_model(start, device, train=True)
     processor = common.load_processor(start)
     model.config.use_cache = False
@@ -295,26 +296,31 @@ def main(cfg: Config) -> dict:
     # foreach: one call over all the weights, not one per tensor (CUDA's default, not CPU's); same numbers
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
     batches = Batches(train, processor, cfg, skips, cfg.seed, frozen=None if cfg.train_vision else model, device=device)
-    step = 0
-    if start == out:
-        state = torch.load(out / "train_state.pt", weights_only=False)
+    step, saved = 0, None
+    if cfg.resume:
+        state = torch.load(out / "train_state.pt", weights_only=True)
         optimizer.load_state_dict(state["optimizer"])
         batches.load_state(state["batches"])
         torch.set_rng_state(state["torch_rng"])
-        step = state["step"]
+        step = saved = state["step"]
         print(f"resumed from {out} at step {step}")
     evalset = subsample(test, cfg.eval_size, cfg.seed)
 
     def evaluate(records):
         model.eval()
-        preds = common.judge_records(model, processor, records, cfg.data_dir, device, cfg.template, skips)
+        preds = common.judge_records(model, processor, records, cfg.data_dir, device, cfg.template, skips,
+                                     max_len=cfg.max_len)
         model.train()
         return common.judge_metrics(preds)
 
     def checkpoint():
+        nonlocal saved
+        if not common.all_finite(model.parameters()):     # never write a checkpoint that holds NaN or inf
+            raise common.nonfinite("a weight is not finite", step, out, saved)
         common.save_checkpoint(model, processor, out, extra={
             "step": step, "optimizer": optimizer.state_dict(), "batches": batches.state(),
             "torch_rng": torch.get_rng_state(), "config": dataclasses.asdict(cfg)})
+        saved = step
 
     model.train()
     t0, seen, tokens, final = time.time(), 0, 0, None
@@ -329,14 +335,15 @@ def main(cfg: Config) -> dict:
             with common.autocast(device):
                 loss, stats = reward_loss(model, batch, kinds, decisive, cfg.bt_weight)
             if not torch.isfinite(loss):
-                raise RuntimeError(f"loss is {loss.item()} at step {step}: stopping; the last good checkpoint "
-                                   f"in {out} is intact (lower --lr or check the data)")
+                raise common.nonfinite(f"the loss is {loss.item()}", step, out, saved)
             (loss / cfg.grad_accum).backward()
             seen += len(kinds)
             tokens += int(batch["attention_mask"].sum())
             for k, v in {"loss": loss.item(), **stats}.items():
                 stats_sum[k] = stats_sum.get(k, 0.0) + v / cfg.grad_accum
-        torch.nn.utils.clip_grad_norm_(params, cfg.clip, foreach=True)
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip, foreach=True)
+        if not torch.isfinite(norm):                     # a finite loss can still have an inf gradient
+            raise common.nonfinite(f"the gradient norm is {norm.item()}", step, out, saved)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1

@@ -16,6 +16,8 @@ Generation prompts: candidates come from any text-to-image/video model as a json
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import time
 from pathlib import Path
 
@@ -40,8 +42,10 @@ class Config:
     gen_scale: str = "1,5"             # the judge's pointwise scale for generated media
     chunk: int = 16                    # prompts per chunk; output is appended after each chunk
     batch_size: int = 16               # sequences per forward pass
+    max_len: int = 2048                # longest judge prompt in tokens; a longer one is not judged, and counted
     seed: int = 0                      # sampling seed
     resume: bool = False               # continue an interrupted run: skip prompts already in candidates.jsonl
+                                       # (without it, a run starts again and empties the outputs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -89,7 +93,7 @@ class Judge:
         self.model = common.load_model(cfg.reward, device).eval()
         self.processor = common.load_processor(cfg.reward)
         self.cfg, self.device = cfg, device
-        self.judgments, self.seconds, self.unparsed = 0, 0.0, 0
+        self.judgments, self.seconds, self.unparsed, self.too_long = 0, 0.0, 0, 0
 
     def pairs(self, records, media, mode=None) -> list:
         """-> per record True (first better) / False / None. mode overrides cfg.judge."""
@@ -101,8 +105,10 @@ class Judge:
             self.unparsed += sum(lab is None for lab in labels)
         else:
             p = common.judge_pairwise(self.model, self.processor, records, media, self.device, self.cfg.template,
-                                      batch_size=self.cfg.batch_size)
-            out = (p[:, 0] >= p[:, 1]).tolist()
+                                      batch_size=self.cfg.batch_size, max_len=self.cfg.max_len)
+            long = p.isnan().any(1).tolist()           # too long to judge: the pair is not used
+            self.too_long += sum(long)
+            out = [None if bad else first for first, bad in zip((p[:, 0] >= p[:, 1]).tolist(), long)]
         self.seconds += time.time() - t
         self.judgments += len(records)
         return out
@@ -118,8 +124,10 @@ class Judge:
             out = [None if s is None else (s, s) for s in out]
         else:
             expected, written = common.judge_pointwise(self.model, self.processor, records, media, self.device,
-                                                       self.cfg.template, batch_size=self.cfg.batch_size)
-            out = list(zip([int(w) for w in written.tolist()], expected.tolist()))
+                                                       self.cfg.template, batch_size=self.cfg.batch_size,
+                                                       max_len=self.cfg.max_len)
+            self.too_long += int(expected.isnan().sum())
+            out = [None if math.isnan(e) else (int(w), e) for w, e in zip(written.tolist(), expected.tolist())]
         self.seconds += time.time() - t
         self.judgments += len(records)
         return out
@@ -187,6 +195,25 @@ def contact_sheet(rows, data_dir, path, n=6) -> None:
 
 # ---------------------------------------------------------------------------------------------
 
+def resume_outputs(out: Path) -> set[str]:
+    """The prompts an interrupted run finished, and its outputs made whole again. A prompt is finished
+    when its line in candidates.jsonl is complete (each prompt's pair is written before it): a torn
+    last line is cut off, and a pair whose prompt was not finished is dropped, to be made again."""
+    cands = out / "candidates.jsonl"
+    done: set[str] = set()
+    if cands.exists():
+        lines = cands.read_bytes().splitlines(keepends=True)
+        whole = [line for line in lines if line.endswith(b"\n")]      # a torn line has no newline yet
+        done = {json.loads(line)["id"] for line in whole}
+        cands.write_bytes(b"".join(whole))
+    for name in ("pairs.jsonl", "gen_pairs.jsonl"):
+        path = out / name
+        if path.exists():
+            rows = [line for line in path.read_bytes().splitlines(keepends=True) if line.endswith(b"\n")]
+            path.write_bytes(b"".join(line for line in rows if json.loads(line)["id"] in done))
+    return done
+
+
 def main(cfg: Config) -> dict:
     common.set_seed(cfg.seed)
     device = common.get_device()
@@ -194,23 +221,30 @@ def main(cfg: Config) -> dict:
     common.require(data / "prompts_train.jsonl", "--data-dir", "01_prepare_data.py", hub_ok=False)
     common.require(cfg.reward, "--reward", "02_train_reward.py")
     common.require(cfg.policy, "--policy", "python -m toy.pretrain_base")
-    out.mkdir(parents=True, exist_ok=True)
-    skips = common.SkipLog(out / "skipped.jsonl")
-    done = set()
+    out = common.output_dir(out)
     cand_path = out / "candidates.jsonl"
-    if cfg.resume and cand_path.exists():
-        done = {r["id"] for r in common.read_jsonl(cand_path)}
+    if cfg.resume:
+        if not cand_path.exists():
+            raise SystemExit(f"--resume: nothing to resume in {out} (no candidates.jsonl)")
+        done = resume_outputs(out)
         print(f"resuming: {len(done)} prompts already judged in {cand_path}")
     else:
+        done = set()
         for name in ("candidates.jsonl", "pairs.jsonl", "gen_pairs.jsonl"):
             (out / name).write_text("")
+    skips = common.SkipLog(out / "skipped.jsonl", resume=cfg.resume)
     judge = Judge(cfg, device)
     policy = common.load_model(cfg.policy, device).eval()
     policy_proc = common.load_processor(cfg.policy)
 
     # --- understanding: the policy answers, the judge ranks and sifts -----------------------------
-    prompts = [p for p in common.read_jsonl(data / "prompts_train.jsonl", skips) if p["id"] not in done]
+    # Each chunk of prompts is sampled from a seed of its own, all of it, even when some of its prompts
+    # were finished before an interruption: a resumed run then draws exactly the answers of one that
+    # was never stopped (a batch's samples depend on the whole batch and on the random state).
+    prompts = common.read_jsonl(data / "prompts_train.jsonl", skips)
     for c in range(0, len(prompts), cfg.chunk):
+        if all(p["id"] in done for p in prompts[c:c + cfg.chunk]):
+            continue
         chunk, media = [], []
         for p in prompts[c:c + cfg.chunk]:
             try:
@@ -218,21 +252,24 @@ def main(cfg: Config) -> dict:
                 chunk.append(p)
             except common.MediaError as e:
                 skips.add(data / "prompts_train.jsonl", p["id"], f"unreadable media: {e}")
+        torch.manual_seed(cfg.seed * 1_000_003 + c)
         samples = common.generate(policy, policy_proc, [(m, p["question"]) for p, m in zip(chunk, media)], device,
                                   cfg.max_new_tokens, cfg.temperature, cfg.n_samples, cfg.batch_size)
         for p, m, answers in zip(chunk, media, samples):
+            if p["id"] in done:
+                continue
             answers = [a.strip() for a in answers]
             (ch, rj, cl, rl), wins, scores, expected = judge_prompt(judge, p["task"], p["question"], m, answers, cfg)
             truth = [n_right(a, p) for a in answers]
-            common.append_jsonl(cand_path, {
-                "id": p["id"], "task": p["task"], "samples": answers, "distinct": len(set(answers)),
-                "pair_first_wins": wins, "scores": scores, "expected": expected, "truth_right": truth, "chosen": ch, "rejected": rj})
             if ch is not None:
                 common.append_jsonl(out / "pairs.jsonl", {
                     "id": p["id"], "task": p["task"], "media": p["media"], "prompt": p["question"],
                     "chosen": answers[ch], "rejected": answers[rj],
                     "chosen_score": scores[ch], "rejected_score": scores[rj],
                     "truly_better": None if truth[ch] is None else truth[ch] > truth[rj]})
+            common.append_jsonl(cand_path, {
+                "id": p["id"], "task": p["task"], "samples": answers, "distinct": len(set(answers)),
+                "pair_first_wins": wins, "scores": scores, "expected": expected, "truth_right": truth, "chosen": ch, "rejected": rj})
         print(f"  understanding: {min(c + cfg.chunk, len(prompts))}/{len(prompts)} prompts")
 
     # --- generation: candidates from a generator, the judge ranks and sifts -------------------------
@@ -249,16 +286,15 @@ def main(cfg: Config) -> dict:
             continue
         (ch, rj, cl, rl), wins, scores, expected = judge_prompt(judge, g["task"], g["prompt"], media, None, cfg)
         truth = g.get("truth")
-        common.append_jsonl(cand_path, {"id": g["id"], "task": g["task"], "samples": g["media"],
-                                        "pair_first_wins": wins, "scores": scores, "expected": expected,
-                                        "truth_score": truth,
-                                        "chosen": ch, "rejected": rj})
         if ch is not None:
             key = "jpg" if g["task"] == "image_generation" else "mp4"
             common.append_jsonl(out / "gen_pairs.jsonl", {
                 "id": g["id"], "task": g["task"], "caption": g["prompt"], f"{key}_0": g["media"][ch],
                 f"{key}_1": g["media"][rj], "label_0": 1, "chosen_score": scores[ch], "rejected_score": scores[rj],
                 "truly_better": None if truth is None else truth[ch] > truth[rj]})
+        common.append_jsonl(cand_path, {"id": g["id"], "task": g["task"], "samples": g["media"],
+                                        "pair_first_wins": wins, "scores": scores, "expected": expected,
+                                        "truth_score": truth, "chosen": ch, "rejected": rj})
 
     report = summarize(cfg, out, judge, skips)
     common.write_jsonl(out / "report.jsonl", [report])
@@ -280,13 +316,14 @@ def summarize(cfg, out, judge, skips) -> dict:
             "pair_precision": sum(known) / len(known) if known else None}
     report["judgments_per_s"] = judge.judgments / max(judge.seconds, 1e-9)
     report["unparsed_verdicts"] = judge.unparsed
+    report["too_long_to_judge"] = judge.too_long
     report["skipped"] = skips.total
     for task, m in report["tasks"].items():
         prec = "-" if m["pair_precision"] is None else f"{100 * m['pair_precision']:.1f}%"
         print(f"{task}: kept {m['kept']}/{m['prompts']} prompts (dropped {m['dropped']}), "
               f"{m['duplicate_samples']} duplicate samples, pair precision {prec}")
     print(f"{report['judgments_per_s']:.1f} judgments/s ({cfg.judge}); unparsed verdicts {judge.unparsed}; "
-          f"{skips.summary()}")
+          f"too long to judge {judge.too_long}; {skips.summary()}")
     contact_sheet([{"chosen_media": p.get("jpg_0") or p.get("mp4_0"), "rejected_media": p.get("jpg_1") or p.get("mp4_1"),
                     "chosen_score": p["chosen_score"], "rejected_score": p["rejected_score"]}
                    for p in common.read_jsonl(out / "gen_pairs.jsonl")], cfg.data_dir, out / "sheet.png")

@@ -67,6 +67,8 @@ def dpo_loss(pi_c, pi_r, ref_c, ref_r, beta=0.1, label_smoothing=0.0, kind="sigm
     h = (pi_c - ref_c) - (pi_r - ref_r)                        the log-ratio margin
     sigmoid: -(1-eps) log s(beta h) - eps log s(-beta h)       (eps = label smoothing, "conservative DPO")
     ipo:     (h - 1/(2 beta))^2                                 (Azar et al. 2023)
+    For IPO the caller passes per-token average log-probs, as IPO's authors and TRL do: its squared
+    target 1/(2 beta) is a margin per token, and summed log-probs would tie it to the answers' length.
     Returns losses (B,), chosen_rewards (B,), rejected_rewards (B,); rewards are beta * log-ratios.
     """
     h = (pi_c - ref_c) - (pi_r - ref_r)
@@ -81,13 +83,14 @@ def dpo_loss(pi_c, pi_r, ref_c, ref_r, beta=0.1, label_smoothing=0.0, kind="sigm
 
 def pair_logps(model, processor, pairs, media, max_len):
     """Chosen and rejected of each pair in ONE concatenated forward: (B,), (B,) summed log-probs, and
-    (B,) the number of answer tokens of each chosen."""
+    (B,), (B,) the number of answer tokens of each chosen and each rejected."""
     encs = common.encode_many(processor, [(m, p["prompt"], p[side])
                                           for side in ("chosen", "rejected") for p, m in zip(pairs, media)], max_len)
     batch = common.to_device(common.collate(encs, processor.tokenizer.pad_token_id), model.device)
     with common.autocast(model.device.type):
         logps = common.answer_logps(model, batch)
-    return logps[:len(pairs)], logps[len(pairs):], batch["answer_mask"][:len(pairs)].sum(1)
+    n = batch["answer_mask"].sum(1)
+    return logps[:len(pairs)], logps[len(pairs):], n[:len(pairs)], n[len(pairs):]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,8 +104,11 @@ def load_pairs(cfg, processor, skips) -> tuple[list[dict], list]:
         if not all(isinstance(p.get(k), str) and p[k].strip() for k in ("prompt", "chosen", "rejected")):
             skips.add(path, p.get("id"), "empty prompt, chosen or rejected")
             continue
+        if not p.get("media"):   # answers are judged against their question's media: never train text-only
+            skips.add(path, p.get("id"), "no media: the pair names no picture or clip")
+            continue
         try:
-            m = common.load_media(p.get("media", []), cfg.data_dir)
+            m = common.load_media(p["media"], cfg.data_dir)
             for side in ("chosen", "rejected"):
                 common.encode(processor, m, p["prompt"], p[side], cfg.max_len)
         except (common.MediaError, common.TooLong, FileNotFoundError) as e:
@@ -118,7 +124,8 @@ def reference_logps(model, processor, pairs, media, cfg) -> torch.Tensor:
     """(N, 2) log-probs of chosen and rejected under the starting policy, computed once."""
     out = []
     for i in range(0, len(pairs), cfg.batch_size):
-        c, r, _ = pair_logps(model, processor, pairs[i:i + cfg.batch_size], media[i:i + cfg.batch_size], cfg.max_len)
+        c, r, _, _ = pair_logps(model, processor, pairs[i:i + cfg.batch_size], media[i:i + cfg.batch_size],
+                                cfg.max_len)
         out.append(torch.stack([c, r], 1).float().cpu())
     return torch.cat(out)
 
@@ -128,11 +135,11 @@ def main(cfg: Config) -> dict:
     device = common.get_device()
     common.require(cfg.pairs, "--pairs", "03_build_pairs.py", hub_ok=False)
     common.require(cfg.policy, "--policy", "python -m toy.pretrain_base")
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    skips = common.SkipLog(out / "skipped.jsonl")
-    resuming = cfg.resume and (out / "train_state.pt").exists()
-    model = common.load_model(out if resuming else cfg.policy, device, train=True)
+    out = common.output_dir(cfg.out_dir)
+    if cfg.resume and not (out / "train_state.pt").exists():
+        raise SystemExit(f"--resume: no checkpoint to resume from in {out} (no train_state.pt)")
+    skips = common.SkipLog(out / "skipped.jsonl", resume=cfg.resume)
+    model = common.load_model(out if cfg.resume else cfg.policy, device, train=True)
     processor = common.load_processor(cfg.policy)
     # Dropout off (eval mode) while training: the policy's log-probs must be computed exactly as the
     # reference's were, or the margin h carries dropout noise even at step 0.
@@ -150,10 +157,11 @@ def main(cfg: Config) -> dict:
     total = cfg.epochs * steps_per_epoch
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, foreach=True)
 
-    step = 0
-    if resuming:
-        state = torch.load(out / "train_state.pt", weights_only=False)
+    step, saved = 0, None
+    if cfg.resume:
+        state = torch.load(out / "train_state.pt", weights_only=True)
         ref, step = state["reference_logps"], state["step"]
+        saved = step
         optimizer.load_state_dict(state["optimizer"])
         print(f"resumed at step {step}/{total}")
     else:
@@ -162,13 +170,16 @@ def main(cfg: Config) -> dict:
         print(f"reference log-probs of {len(pairs)} pairs in {time.time() - t:.1f}s")
 
     def run(idx, train_mode: bool):
-        c, r, n_c = pair_logps(model, processor, [pairs[i] for i in idx], [media[i] for i in idx], cfg.max_len)
-        rc, rr = ref[idx, 0].to(device), ref[idx, 1].to(device)
-        losses, ch, rj = dpo_loss(c.float(), r.float(), rc, rr, cfg.beta, cfg.label_smoothing, cfg.loss)
+        c, r, n_c, n_r = pair_logps(model, processor, [pairs[i] for i in idx], [media[i] for i in idx], cfg.max_len)
+        c, r, rc, rr = c.float(), r.float(), ref[idx, 0].to(device), ref[idx, 1].to(device)
+        if cfg.loss == "ipo":   # per-token averages (see dpo_loss)
+            losses, ch, rj = dpo_loss(c / n_c, r / n_r, rc / n_c, rr / n_r, cfg.beta, cfg.label_smoothing, cfg.loss)
+        else:
+            losses, ch, rj = dpo_loss(c, r, rc, rr, cfg.beta, cfg.label_smoothing, cfg.loss)
         # The chosen answer's own likelihood (per token), kept up by a plain NLL term: DPO alone only
         # widens the gap and lets both likelihoods fall, until greedy decoding picks tokens that neither
         # answer had (measured here: "yellowyellow, large"). Pang et al. 2024 (RPO) and Llama 3 add it.
-        nll = -(c.float() / n_c).mean()
+        nll = -(c / n_c).mean()
         loss = losses.mean() + cfg.sft_weight * nll
         stats = {"loss": loss.item(), "dpo_loss": losses.mean().item(), "nll_chosen": nll.item(),
                  "reward_acc": (ch > rj).float().mean().item(), "margin": (ch - rj).mean().item(),
@@ -181,9 +192,13 @@ def main(cfg: Config) -> dict:
         return {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
 
     def checkpoint():
+        nonlocal saved
+        if not common.all_finite(model.parameters()):     # never write a checkpoint that holds NaN or inf
+            raise common.nonfinite("a weight is not finite", step, out, saved)
         common.save_checkpoint(model, processor, out, extra={
             "step": step, "optimizer": optimizer.state_dict(), "reference_logps": ref,
             "config": dataclasses.asdict(cfg)})
+        saved = step
 
     print("held-out before:", {k: round(v, 3) for k, v in evaluate().items()})
     bar = tqdm(total=total, initial=step, desc="dpo", dynamic_ncols=True, mininterval=2)
@@ -200,11 +215,13 @@ def main(cfg: Config) -> dict:
             start = (k * cfg.grad_accum + a) * cfg.batch_size
             loss, stats = run(epoch_order[start:start + cfg.batch_size], True)
             if not torch.isfinite(loss):
-                raise RuntimeError(f"loss (DPO + NLL) is {loss.item()} at step {step}; last good checkpoint in {out} is intact")
+                raise common.nonfinite(f"the loss (DPO + NLL) is {loss.item()}", step, out, saved)
             (loss / cfg.grad_accum).backward()
             for key, v in stats.items():
                 sums[key] = sums.get(key, 0.0) + v / cfg.grad_accum
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip, foreach=True)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip, foreach=True)
+        if not torch.isfinite(norm):                     # a finite loss can still have an inf gradient
+            raise common.nonfinite(f"the gradient norm is {norm.item()}", step, out, saved)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1

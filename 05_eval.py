@@ -14,10 +14,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import random
 import re
 from pathlib import Path
 
 import numpy as np
+import torch
 
 import common
 
@@ -35,6 +37,7 @@ class Config:
     benchmarks: str = ""                   # comma list of vlrewardbench, genai-image, genai-video, videogen,
                                            # each optionally =folder (else the hub); empty = the toy benchmark
     max_new_tokens: int = 24               # longest policy answer
+    max_len: int = 2048                    # longest judge prompt in tokens; longer records are skipped and counted
     batch_size: int = 16                   # sequences per forward pass
     seed: int = 0
 
@@ -98,19 +101,34 @@ def evaluate_judge(cfg, device, skips) -> dict:
         if pair:
             recs = [records[i] for i in pair]
             ab = common.judge_pairwise(model, processor, recs, [media[i] for i in pair], device, cfg.template,
-                                       both_orders=False, batch_size=cfg.batch_size)
+                                       both_orders=False, batch_size=cfg.batch_size, max_len=cfg.max_len)
             sw = [common.swapped(records[i], media[i]) for i in pair]
             ba = common.judge_pairwise(model, processor, [s[0] for s in sw], [s[1] for s in sw], device,
-                                       cfg.template, both_orders=False, batch_size=cfg.batch_size)
-            m["pairwise"] = pairwise_metrics(ab.numpy(), ba.numpy(), [r["label"] for r in recs])
+                                       cfg.template, both_orders=False, batch_size=cfg.batch_size, max_len=cfg.max_len)
+            fit = fitting(recs, (ab + ba).sum(1), path, skips, cfg.max_len)
+            if fit.any():
+                m["pairwise"] = pairwise_metrics(ab[fit].numpy(), ba[fit].numpy(),
+                                                 [r["label"] for r, f in zip(recs, fit) if f])
         if point:
             recs = [records[i] for i in point]
             e, b = common.judge_pointwise(model, processor, recs, [media[i] for i in point], device, cfg.template,
-                                          batch_size=cfg.batch_size)
-            m["pointwise"] = pointwise_metrics(e.numpy(), b.numpy(), [r["score"] for r in recs])
+                                          batch_size=cfg.batch_size, max_len=cfg.max_len)
+            fit = fitting(recs, e, path, skips, cfg.max_len)
+            if fit.any():
+                m["pointwise"] = pointwise_metrics(e[fit].numpy(), b[fit].numpy(),
+                                                   [r["score"] for r, f in zip(recs, fit) if f])
         if m:
             out[task] = m
     return out
+
+
+def fitting(records, values, path, skips, max_len):
+    """(N,) bool: the records whose judgment was read; those too long for max_len (NaN) are skipped."""
+    fit = ~values.isnan()
+    for r, f in zip(records, fit.tolist()):
+        if not f:
+            skips.add(path, r.get("id"), f"too long: the prompt and the verdict need more than {max_len} tokens")
+    return fit
 
 
 def policy_answers(cfg, device, skips) -> tuple[list[dict], list, dict[str, list[str]]]:
@@ -197,18 +215,37 @@ VL_GROUPS = {"hallucination": "Hallucination", "povid": "Hallucination", "rlhf":
              "wildvision": "General", "vlfeedback": "General"}
 
 
+def benchmark_files(folder: Path, config: str | None, split: str) -> list[str]:
+    """The parquet / json / jsonl files of one config and split in a local copy of a hub dataset:
+    under <config>/ when there is such a folder, and named <split>-*, <split>.* or inside <split>/
+    when any file is (GenAI-Bench holds test and test_v1 side by side); otherwise every file."""
+    if config and (folder / config).is_dir():
+        folder = folder / config
+    files = sorted(p for p in folder.rglob("*") if p.suffix in (".parquet", ".jsonl", ".json"))
+    of_split = [p for p in files if p.name.startswith(f"{split}-") or p.name.split(".")[0] == split
+                or p.parent.name == split]
+    return [str(p) for p in (of_split or files)]
+
+
 def load_rows(name: str, source: str) -> tuple[list[dict], Path]:
     """Benchmark rows from a local folder (parquet / json / jsonl files in the hub layout) or the hub."""
     import datasets
     hub_id, config, split = BENCHMARKS[name]
     folder = Path(source) if source else None
     if folder and folder.is_dir():
-        files = sorted(str(p) for p in folder.rglob("*") if p.suffix in (".parquet", ".jsonl", ".json"))
-        kind = "parquet" if files and files[0].endswith(".parquet") else "json"
-        ds = datasets.load_dataset(kind, data_files=files, split="train")
+        files = benchmark_files(folder, config, split)
+        if not files:
+            raise SystemExit(f"{name}: no parquet, json or jsonl file under {folder}")
+        kind = "parquet" if files[0].endswith(".parquet") else "json"
+        try:
+            ds = datasets.load_dataset(kind, data_files=files, split="train")
+        except Exception as e:   # datasets raises many types for an empty or unreadable file
+            raise SystemExit(f"{name}: cannot read {', '.join(files)}: {type(e).__name__}: {e}") from None
     else:
         ds = datasets.load_dataset(source or hub_id, config, split=split)
         folder = Path(".")
+    if len(ds) == 0:
+        raise SystemExit(f"{name}: {source or hub_id} holds no rows")
     return list(ds), folder
 
 
@@ -244,7 +281,10 @@ def benchmark_records(name, rows, folder, skips) -> tuple[list[dict], list]:
                 key = "image" if name == "genai-image" else "video"
                 rec = {"task": f"{key}_generation", "prompt": row["prompt"], "responses": [],
                        "label": VOTES[row["vote_type"]]}
-                m = [medium_of(row[f"left_{key}"], folder, name), medium_of(row[f"right_{key}"], folder, name)]
+                # the hub names the columns left_video / right_video, the authors' data.json video_left / video_right
+                left, right = ((row[f"{side}_{key}"] if f"{side}_{key}" in row else row[f"{key}_{side}"])
+                               for side in ("left", "right"))
+                m = [medium_of(left, folder, name), medium_of(right, folder, name)]
             else:
                 overall = {"A": 1, "B": 2, "same": 0}
                 if row["Overall"] not in overall:
@@ -260,15 +300,33 @@ def benchmark_records(name, rows, folder, skips) -> tuple[list[dict], list]:
     return records, media
 
 
+def random_order(records, media, seed: int) -> tuple[list[dict], list]:
+    """Each pair shown in a seeded random order, its label following (as the authors' scripts do):
+    VL-RewardBench lists its better response first in almost every row, so a fixed order would reward
+    a judge that always prefers the first."""
+    rng = random.Random(seed)
+    out_r, out_m = [], []
+    for r, m in zip(records, media):
+        if rng.random() < 0.5:
+            r, m = common.swapped(r, m)
+            r = {**r, "label": {1: 2, 2: 1, 0: 0}[r["label"]]}
+        out_r.append(r)
+        out_m.append(m)
+    return out_r, out_m
+
+
 def run_benchmark(name, source, model, processor, cfg, device, skips) -> dict:
     rows, folder = load_rows(name, source)
-    records, media = benchmark_records(name, rows, folder, skips)
+    records, media = random_order(*benchmark_records(name, rows, folder, skips), cfg.seed)
     if cfg.judge == "generate":
         labels = common.judge_by_generating(model, processor, records, media, device, cfg.template)
         probs = [None if lab is None else [float(lab == 1), float(lab == 2), float(lab == 0)] for lab in labels]
     else:
-        probs = common.judge_pairwise(model, processor, records, media, device, cfg.template,
-                                      batch_size=cfg.batch_size).tolist()
+        p = common.judge_pairwise(model, processor, records, media, device, cfg.template,
+                                  batch_size=cfg.batch_size, max_len=cfg.max_len)
+        fit = fitting(records, p.sum(1), f"{name}:{folder}", skips, cfg.max_len).tolist()
+        records = [r for r, f in zip(records, fit) if f]
+        probs = p[torch.tensor(fit, dtype=torch.bool)].tolist()
     unparsed = sum(p is None for p in probs)
     preds = [{"label": r["label"], "p": p or [0.0, 0.0, 0.0], "group": r.get("group")} for r, p in zip(records, probs)]
     return {**benchmark_metrics(name, preds), "n": len(preds), "unparsed": unparsed,
@@ -278,15 +336,16 @@ def run_benchmark(name, source, model, processor, cfg, device, skips) -> dict:
 def benchmark_metrics(name, preds) -> dict:
     """VL-RewardBench: accuracy per group, Overall (correct / all) and Macro (mean of the groups).
     Generation benchmarks: tau (ties count, right only when the judge says tie) and diff (non-tie
-    pairs, forced choice). An unparsed verdict (p all zero) is wrong in every metric."""
-    if name == "vlrewardbench":   # no ties there: every accuracy is the forced-choice one (diff)
+    pairs; a tie verdict is wrong). An unparsed verdict (p all zero) is wrong in every metric; a metric
+    over no items is nan (shown as n/a)."""
+    if name == "vlrewardbench":   # no ties there: every accuracy is the one without ties (diff)
         groups = {}
         for p in preds:
             groups.setdefault(p["group"], []).append(p)
         acc = {g: common.pair_accuracy([p["p"] for p in v], [p["label"] for p in v])["diff"]
                for g, v in sorted(groups.items())}
         return {"overall": common.pair_accuracy([p["p"] for p in preds], [p["label"] for p in preds])["diff"],
-                "macro": sum(acc.values()) / max(1, len(acc)), "groups": acc,
+                "macro": sum(acc.values()) / len(acc) if acc else float("nan"), "groups": acc,
                 "group_sizes": {g: len(v) for g, v in groups.items()}}
     a = common.pair_accuracy([p["p"] for p in preds], [p["label"] for p in preds])
     return {"tau": a["tau"], "diff": a["diff"], "ties": a["ties"]}
@@ -297,21 +356,25 @@ def benchmarks_markdown(results: dict) -> str:
              "| benchmark | metric | this judge | paper |", "|---|---|---|---|"]
     for name, m in results.items():
         for metric in ("overall", "macro") if name == "vlrewardbench" else ("tau", "diff"):
-            lines.append(f"| {name} | {metric} | {100 * m[metric]:.1f} | {PAPER[name][metric]} |")
+            lines.append(f"| {name} | {metric} | {pct(m[metric])} | {PAPER[name][metric]} |")
         if name == "vlrewardbench":
-            lines += [f"| {name} | {g} (n={m['group_sizes'][g]}) | {100 * a:.1f} | |" for g, a in m["groups"].items()]
+            lines += [f"| {name} | {g} (n={m['group_sizes'][g]}) | {pct(a)} | |" for g, a in m["groups"].items()]
     return "\n".join(lines) + "\n"
 
 
+def pct(x) -> str:
+    """A share as a percentage; n/a for a metric over no items (None or nan), never 0.0."""
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
+
+
 def to_markdown(results) -> str:
-    pct = lambda x: "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
     lines = ["## Reward model (held-out toy benchmark)", "",
              "| task | pair diff | pair tau | consistency | point exact | point Spearman |", "|---|---|---|---|---|---|"]
     for task, m in results["judge"].items():
         pw, pt = m.get("pairwise", {}), m.get("pointwise", {})
         sp = pt.get("spearman")
         lines.append(f"| {task} | {pct(pw.get('diff'))} | {pct(pw.get('tau'))} | {pct(pw.get('consistency'))} | "
-                     f"{pct(pt.get('exact'))} | {'-' if sp is None or math.isnan(sp) else f'{sp:.2f}'} |")
+                     f"{pct(pt.get('exact'))} | {'n/a' if sp is None or math.isnan(sp) else f'{sp:.2f}'} |")
     if results.get("policy"):
         lines += ["", "## Policy before vs after DPO (held-out questions, greedy)", "",
                   "| task | before acc [95% CI] | after acc [95% CI] | judge win rate after vs before |",

@@ -107,6 +107,33 @@ def require(path, flag: str, made_by: str, hub_ok: bool = True) -> None:
     raise SystemExit(f"{text} not found: run {made_by} first, or pass {flag}")
 
 
+def output_dir(path) -> Path:
+    """Create the output folder, or stop before any work when it cannot be written: checkpoints are
+    written beside it and renamed into place, so its parent must take new folders too."""
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out.with_name(out.name + ".probe")
+        probe.mkdir(exist_ok=True)
+        probe.rmdir()
+    except OSError as e:
+        raise SystemExit(f"cannot write the output folder {out}: {e}") from None
+    return out
+
+
+def all_finite(tensors) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def nonfinite(what: str, step: int, out, saved: int | None) -> RuntimeError:
+    """The error a training loop raises on a NaN or inf, before it reaches the weights: it says which
+    checkpoint, if any, is left."""
+    left = (f"the checkpoint of step {saved} in {out} is intact" if saved is not None
+            else f"no checkpoint has been written to {out}")
+    return RuntimeError(f"{what} at step {step}: stopped before the weights changed; {left} "
+                        "(lower --lr or check the data)")
+
+
 def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     """Linear warmup to `peak`, then cosine decay to 10% of it (the schedule both training stages use)."""
     if step < warmup:
@@ -133,15 +160,27 @@ def append_jsonl(path, row) -> None:
 
 class SkipLog:
     """Bad input is skipped and counted, never silently lost: one line per skip in `skipped.jsonl`
-    naming the file, the record and the reason, and a one-line summary for the console."""
+    naming the file, the record and the reason, and a one-line summary for the console. The same skip
+    is logged once however often it is met (02 evaluates the same records many times). With `resume`
+    the earlier skips are kept and new ones appended."""
 
-    def __init__(self, path):
+    def __init__(self, path, resume: bool = False):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text("")
         self.counts: dict[str, int] = {}
+        self.seen: set[tuple] = set()
+        if resume and self.path.exists():   # the earlier run's skips stay, and are not logged twice
+            for row in read_jsonl(self.path):
+                self.seen.add((str(row["file"]), str(row["id"]), row["reason"]))
+                key = row["reason"].split(":")[0]
+                self.counts[key] = self.counts.get(key, 0) + 1
+        else:
+            self.path.write_text("")
 
     def add(self, file, record_id, reason: str) -> None:
+        if (str(file), str(record_id), reason) in self.seen:
+            return
+        self.seen.add((str(file), str(record_id), reason))
         key = reason.split(":")[0]
         self.counts[key] = self.counts.get(key, 0) + 1
         append_jsonl(self.path, {"file": str(file), "id": record_id, "reason": reason})
@@ -158,23 +197,51 @@ class SkipLog:
 
 
 def read_jsonl(path, skips: SkipLog | None = None) -> list[dict]:
-    """Read a jsonl file. A malformed line is skipped and logged when `skips` is given, else raises."""
+    """Read a jsonl file. A malformed line (bad JSON, not an object, bytes that are not UTF-8) is skipped
+    and logged when `skips` is given, else raises; the other lines are kept."""
     rows = []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
             try:
+                line = raw.decode("utf-8")
+                if not line.strip():
+                    continue
                 row = json.loads(line)
                 if not isinstance(row, dict):
                     raise ValueError("not a JSON object")
+            except UnicodeDecodeError as e:
+                reason = f"not UTF-8: {e.reason} at byte {e.start}"
             except ValueError as e:
-                if skips is None:
-                    raise ValueError(f"{path}:{lineno}: malformed jsonl line ({e})") from None
-                skips.add(path, f"line {lineno}", f"malformed json: {e}")
+                reason = f"malformed json: {e}"
+            else:
+                rows.append(row)
                 continue
-            rows.append(row)
+            if skips is None:
+                raise ValueError(f"{path}:{lineno}: {reason}") from None
+            skips.add(path, f"line {lineno}", reason)
     return rows
+
+
+def read_json_list(path, skips: SkipLog) -> list[tuple[int, object]]:
+    """A released json file: a list of records, as (index in the file, record). Bytes that are not
+    UTF-8 spoil only the records whose strings hold them (each skipped and named); a file that does not
+    parse is skipped whole and named."""
+    text = Path(path).read_bytes().decode("utf-8", errors="surrogateescape")   # bad bytes -> lone surrogates
+    try:
+        raw = json.loads(text)
+    except ValueError as e:
+        skips.add(path, None, f"malformed json: {e}")
+        return []
+    if not isinstance(raw, list):
+        skips.add(path, None, f"malformed json: top level is {type(raw).__name__}, not a list")
+        return []
+    kept = []
+    for i, r in enumerate(raw):
+        if re.search(r"[\udc80-\udcff]", json.dumps(r, ensure_ascii=False)):
+            skips.add(path, r.get("id", f"#{i}") if isinstance(r, dict) else f"#{i}", "not UTF-8: undecodable bytes")
+        else:
+            kept.append((i, r))
+    return kept
 
 
 def save_checkpoint(model, processor, out_dir, extra: dict | None = None) -> None:
@@ -638,16 +705,32 @@ def decision_path(tokenizer, answers: list[str]):
 
 
 @torch.no_grad()
-def answer_probs(model, processor, prompts, answers: list[str], device, batch_size=16) -> torch.Tensor:
+def answer_probs(model, processor, prompts, answers: list[str], device, batch_size=16, max_len=4096) -> torch.Tensor:
     """P(answer k | prompt i) over a fixed set of candidate answers: (N, K), rows sum to 1.
 
-    prompts: list of (media, question). One forward pass per batch of prompts.
+    prompts: list of (media, question). One forward pass per batch of prompts. A prompt that does not
+    fit max_len together with the verdict gets a row of NaN (callers skip and count it), never a
+    truncated one.
     """
     path, steps = decision_path(processor.tokenizer, answers)
     path = torch.tensor(path, dtype=torch.long)
     out = []
     for i in range(0, len(prompts), batch_size):
-        encs = encode_many(processor, [(media, question, None) for media, question in prompts[i:i + batch_size]])
+        chunk = [(media, question, None) for media, question in prompts[i:i + batch_size]]
+        try:
+            encs, fits = encode_many(processor, chunk, max_len - len(path)), [True] * len(chunk)
+        except TooLong:                              # one at a time, to find which
+            encs, fits = [], []
+            for example in chunk:
+                try:
+                    encs.append(encode(processor, *example, max_len=max_len - len(path)))
+                    fits.append(True)
+                except TooLong:
+                    fits.append(False)
+        rows_out = torch.full((len(chunk), len(answers)), float("nan"))
+        if not encs:
+            out.append(rows_out)
+            continue
         for e in encs:
             e["prompt_len"] = len(e["input_ids"])
             e["input_ids"] = torch.cat([e["input_ids"], path])
@@ -664,7 +747,8 @@ def answer_probs(model, processor, prompts, answers: list[str], device, batch_si
             logp = model.lm_head(h[rows, pos]).float().log_softmax(-1)          # (B, V)
             for k, tok in tokens.items():
                 scores[:, k] += logp[:, tok]
-        out.append(scores.softmax(-1).cpu())
+        rows_out[torch.tensor(fits)] = scores.softmax(-1).cpu()
+        out.append(rows_out)
     return torch.cat(out)
 
 
@@ -677,11 +761,12 @@ def swapped(record: dict, media: list) -> tuple[dict, list]:
 
 @torch.no_grad()
 def judge_pairwise(model, processor, records, media, device, template="short", both_orders=True,
-                   batch_size=16) -> torch.Tensor:
+                   batch_size=16, max_len=4096) -> torch.Tensor:
     """P(first better), P(second better), P(tie) for each pairwise record: (N, 3).
 
     Judged in both orders and averaged, which cancels the judge's position bias (a judge that always
-    says "Image 1" gets exactly 0.5). Tasks without ties (understanding) have P(tie) = 0.
+    says "Image 1" gets exactly 0.5). Tasks without ties (understanding) have P(tie) = 0. A record
+    whose prompt does not fit max_len gets a row of NaN.
     """
     out = torch.zeros(len(records), 3)
     for task in TASKS:
@@ -695,7 +780,7 @@ def judge_pairwise(model, processor, records, media, device, template="short", b
             orders += [swapped(records[i], media[i]) for i in idx]
         prompts = [(m, render_question(task, "pairwise", r["prompt"], r.get("responses", ()), template=template))
                    for r, m in orders]
-        p = answer_probs(model, processor, prompts, [a for _, a in cands], device, batch_size)
+        p = answer_probs(model, processor, prompts, [a for _, a in cands], device, batch_size, max_len)
         tie = p[:, col[0]] if 0 in col else torch.zeros(len(p))
         n = len(idx)
         first, second, tie_ = p[:n, col[1]], p[:n, col[2]], tie[:n]
@@ -706,10 +791,11 @@ def judge_pairwise(model, processor, records, media, device, template="short", b
 
 
 @torch.no_grad()
-def judge_pointwise(model, processor, records, media, device, template="short", batch_size=16):
+def judge_pointwise(model, processor, records, media, device, template="short", batch_size=16, max_len=4096):
     """Expected score and most likely score for each pointwise record: two (N,) float tensors.
 
     The expected score sum_s s * P("Final Score: s") is a finer signal than the argmax for ranking.
+    Both are NaN for a record whose prompt does not fit max_len.
     """
     expected, best = torch.zeros(len(records)), torch.zeros(len(records))
     groups: dict = {}
@@ -720,9 +806,9 @@ def judge_pointwise(model, processor, records, media, device, template="short", 
         values = torch.tensor([float(v) for v, _ in cands])
         prompts = [(media[i], render_question(task, "pointwise", records[i]["prompt"],
                                               records[i].get("responses", ()), scale, template)) for i in idx]
-        p = answer_probs(model, processor, prompts, [a for _, a in cands], device, batch_size)
+        p = answer_probs(model, processor, prompts, [a for _, a in cands], device, batch_size, max_len)
         expected[idx] = p @ values
-        best[idx] = values[p.argmax(1)]
+        best[idx] = torch.where(p.isnan().any(1), float("nan"), values[p.nan_to_num(-1).argmax(1)])
     return expected, best
 
 
@@ -781,10 +867,10 @@ def blank_like(medium):
 
 
 def judge_records(model, processor, records, data_dir, device, template="short", skips=None,
-                  blank=False, both_orders=True, batch_size=16) -> list[dict]:
+                  blank=False, both_orders=True, batch_size=16, max_len=4096) -> list[dict]:
     """Judge each record with the one-forward readout. Returns one prediction per usable record:
     pairwise {"id", "p": [P(first), P(second), P(tie)]}; pointwise {"id", "expected", "score"}.
-    Records whose media cannot be read are skipped and logged in `skips`."""
+    Records whose media cannot be read, or that do not fit max_len, are skipped and logged in `skips`."""
     usable, media = [], []
     for r in records:
         if not r.get("prompt"):   # released records whose wording hid the caption/question
@@ -805,33 +891,50 @@ def judge_records(model, processor, records, data_dir, device, template="short",
     point = [i for i, r in enumerate(usable) if r["kind"] == "pointwise"]
     if pair:
         p = judge_pairwise(model, processor, [usable[i] for i in pair], [media[i] for i in pair], device,
-                           template, both_orders, batch_size)
+                           template, both_orders, batch_size, max_len)
         for i, row in zip(pair, p.tolist()):
             preds[i] = {"id": usable[i]["id"], "p": row}
     if point:
         e, b = judge_pointwise(model, processor, [usable[i] for i in point], [media[i] for i in point], device,
-                               template, batch_size)
+                               template, batch_size, max_len)
         for i, ev, bv in zip(point, e.tolist(), b.tolist()):
             preds[i] = {"id": usable[i]["id"], "expected": ev, "score": bv}
-    return [dict(p, task=r["task"], kind=r["kind"], label=r.get("label"), truth=r.get("score"))
-            for p, r in zip(preds, usable)]
+    out = []
+    for p, r in zip(preds, usable):
+        if math.isnan(sum(p["p"]) if "p" in p else p["expected"]):
+            if skips is None:
+                raise TooLong(f"{r.get('id')}: too long for {max_len} tokens")
+            skips.add(data_dir, r.get("id"), f"too long: the prompt and the verdict need more than {max_len} tokens")
+            continue
+        out.append(dict(p, task=r["task"], kind=r["kind"], label=r.get("label"), truth=r.get("score")))
+    return out
 
 
-def pairwise_verdict(p, ties: bool = True) -> int:
-    """[P(first), P(second), P(tie)] -> 1, 2 or 0 (tie). With ties=False, a forced choice."""
+def pairwise_verdict(p, ties: bool = True) -> int | None:
+    """[P(first), P(second), P(tie)] -> 1, 2 or 0 (tie); None when the highest probability is shared
+    (a judge with no preference), which no position may win. With ties=False, a forced choice."""
     options = (1, 2, 0) if ties else (1, 2)
-    return options[max(range(len(options)), key=lambda k: p[k])]
+    top = max(p[k] for k in range(len(options)))
+    best = [options[k] for k in range(len(options)) if p[k] == top]
+    return best[0] if len(best) == 1 else None
 
 
 def pair_accuracy(probs, labels) -> dict:
     """The two pairwise accuracies every benchmark reports, from [P(first), P(second), P(tie)] rows:
-    diff = forced-choice accuracy on pairs that are not ties (nan when there are none);
-    tau  = accuracy on all pairs where the judge may answer tie (right only on true ties).
-    A row of zeros (an unparsed verdict) is wrong in both."""
-    right = lambda p, lab, ties: sum(p) > 0 and pairwise_verdict(p, ties) == lab
+    diff = accuracy on the pairs that are not ties, where a tie verdict is wrong (nan when there are none);
+    tau  = accuracy on all pairs, ties included (right on a true tie only when the judge says tie).
+    The verdict is the most likely option. Two options exactly equally likely, a judge with no
+    preference, earn half a point: no position wins by default, so such a judge scores at chance
+    whatever the order of a benchmark's items. A row of zeros (an unparsed verdict) is wrong in both."""
+    def credit(p, lab) -> float:
+        if sum(p) <= 0:
+            return 0.0
+        top = max(p)
+        winners = [v for v, q in zip((1, 2, 0), p) if q == top]
+        return (lab in winners) / len(winners)
     strict = [(p, lab) for p, lab in zip(probs, labels) if lab != 0]
-    return {"diff": sum(right(p, lab, False) for p, lab in strict) / len(strict) if strict else float("nan"),
-            "tau": sum(right(p, lab, True) for p, lab in zip(probs, labels)) / max(1, len(labels)),
+    return {"diff": sum(credit(p, lab) for p, lab in strict) / len(strict) if strict else float("nan"),
+            "tau": sum(credit(p, lab) for p, lab in zip(probs, labels)) / len(labels) if labels else float("nan"),
             "n": len(labels), "ties": len(labels) - len(strict)}
 
 

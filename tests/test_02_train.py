@@ -160,7 +160,7 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(toy, tmp_path, monkeypatch):
         loss, stats = real(*a, **k)
         return (loss * float("nan") if calls["n"] == 3 else loss), stats
     monkeypatch.setattr(train, "reward_loss", poisoned)
-    with pytest.raises(RuntimeError, match="last good checkpoint"):
+    with pytest.raises(RuntimeError, match="the checkpoint of step 2 in .* is intact"):
         train.main(config(toy, tmp_path, data, steps=4, eval_every=2, batch_size=4))
     state = torch.load(tmp_path / "reward" / "train_state.pt", weights_only=False)
     assert state["step"] == 2

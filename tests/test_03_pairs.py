@@ -106,7 +106,7 @@ class OracleJudge:
         for g in common.read_jsonl(data / "gen_candidates.jsonl"):
             for m, t in zip(common.load_media(g["media"], data), g["truth"]):
                 self.truth[pixel_key(m)] = t
-        self.judgments, self.seconds, self.unparsed = 0, 0.0, 0
+        self.judgments, self.seconds, self.unparsed, self.too_long = 0, 0.0, 0, 0
 
     def score_of(self, record, media) -> int:
         if record["task"].endswith("generation"):
