@@ -59,7 +59,7 @@ class Config:
 # ---------------------------------------------------------------------------------------------
 # the DPO loss, from scratch
 
-def dpo_loss(pi_c, pi_r, ref_c, ref_r, beta=0.1, label_smoothing=0.0, kind="sigmoid"):
+def dpo_loss(pi_c, pi_r, ref_c, ref_r, beta=0.1, label_smoothing=0.0, kind="sigmoid", n_c=None, n_r=None):
     """Per-pair DPO loss and implicit rewards.
 
     pi_c, pi_r:   (B,) summed answer log-probs of chosen / rejected under the policy
@@ -67,10 +67,13 @@ def dpo_loss(pi_c, pi_r, ref_c, ref_r, beta=0.1, label_smoothing=0.0, kind="sigm
     h = (pi_c - ref_c) - (pi_r - ref_r)                        the log-ratio margin
     sigmoid: -(1-eps) log s(beta h) - eps log s(-beta h)       (eps = label smoothing, "conservative DPO")
     ipo:     (h - 1/(2 beta))^2                                 (Azar et al. 2023)
-    For IPO the caller passes per-token average log-probs, as IPO's authors and TRL do: its squared
-    target 1/(2 beta) is a margin per token, and summed log-probs would tie it to the answers' length.
+    n_c, n_r:     (B,) answer lengths in tokens. IPO compares per-token average log-probs, as IPO's
+    authors and TRL do: its squared target 1/(2 beta) is a margin per token, and summed log-probs would
+    tie it to the answers' length. DPO's sigmoid loss takes the sums, as the paper's equation.
     Returns losses (B,), chosen_rewards (B,), rejected_rewards (B,); rewards are beta * log-ratios.
     """
+    if kind == "ipo":
+        pi_c, ref_c, pi_r, ref_r = pi_c / n_c, ref_c / n_c, pi_r / n_r, ref_r / n_r
     h = (pi_c - ref_c) - (pi_r - ref_r)
     if kind == "ipo":
         losses = (h - 1 / (2 * beta)) ** 2
@@ -172,10 +175,7 @@ def main(cfg: Config) -> dict:
     def run(idx, train_mode: bool):
         c, r, n_c, n_r = pair_logps(model, processor, [pairs[i] for i in idx], [media[i] for i in idx], cfg.max_len)
         c, r, rc, rr = c.float(), r.float(), ref[idx, 0].to(device), ref[idx, 1].to(device)
-        if cfg.loss == "ipo":   # per-token averages (see dpo_loss)
-            losses, ch, rj = dpo_loss(c / n_c, r / n_r, rc / n_c, rr / n_r, cfg.beta, cfg.label_smoothing, cfg.loss)
-        else:
-            losses, ch, rj = dpo_loss(c, r, rc, rr, cfg.beta, cfg.label_smoothing, cfg.loss)
+        losses, ch, rj = dpo_loss(c, r, rc, rr, cfg.beta, cfg.label_smoothing, cfg.loss, n_c, n_r)
         # The chosen answer's own likelihood (per token), kept up by a plain NLL term: DPO alone only
         # widens the gap and lets both likelihoods fall, until greedy decoding picks tokens that neither
         # answer had (measured here: "yellowyellow, large"). Pang et al. 2024 (RPO) and Llama 3 add it.

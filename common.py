@@ -32,6 +32,7 @@ from PIL import Image
 
 TASKS = ("image_generation", "image_understanding", "video_generation", "video_understanding")
 KINDS = ("pairwise", "pointwise")
+ROOT = Path(__file__).resolve().parent   # the repository: default paths (runs/toy/..., toy/base) are relative to it
 END_OF_TURN = "<|im_end|>"  # Qwen's chat format closes every turn with this token; the judge learns to emit it
 
 
@@ -102,6 +103,9 @@ def require(path, flag: str, made_by: str, hub_ok: bool = True) -> None:
     text = str(path)
     if Path(text).exists():
         return
+    if not Path(text).is_absolute() and (ROOT / text).exists() and Path.cwd() != ROOT:
+        raise SystemExit(f"{text} not found in {Path.cwd()}: the default paths are relative to the repository "
+                         f"({ROOT}); run the stages from there, or pass {flag} with an absolute path")
     if hub_ok and re.fullmatch(r"[\w.-]+/[\w.-]+", text) and not text.startswith(("runs/", "toy/", ".")):
         return
     raise SystemExit(f"{text} not found: run {made_by} first, or pass {flag}")

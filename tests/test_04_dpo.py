@@ -1,4 +1,5 @@
 """04_dpo.py: the DPO loss by hand, the stored reference, gradients, and learning on fixed pairs."""
+import json
 import math
 
 import pytest
@@ -22,8 +23,12 @@ def test_dpo_loss_known_values():
     assert torch.allclose(ch, torch.tensor([0.5, -1.5, 0.0])) and torch.allclose(rj, torch.tensor([-0.5, 0.5, 0.0]))
     smooth, _, _ = dpo.dpo_loss(pi_c, pi_r, ref_c, ref_r, beta=0.5, label_smoothing=0.2)
     assert torch.allclose(smooth, 0.8 * torch.log1p(torch.exp(-0.5 * h)) + 0.2 * torch.log1p(torch.exp(0.5 * h)))
-    ipo, _, _ = dpo.dpo_loss(pi_c, pi_r, ref_c, ref_r, beta=0.5, kind="ipo")
-    assert torch.allclose(ipo, (h - 1.0) ** 2)
+    # IPO on per-token averages: answers of 2 and 4 tokens
+    n_c, n_r = torch.tensor([2.0, 2.0, 2.0]), torch.tensor([4.0, 4.0, 4.0])
+    ipo, _, _ = dpo.dpo_loss(pi_c, pi_r, ref_c, ref_r, beta=0.5, kind="ipo", n_c=n_c, n_r=n_r)
+    h_avg = (pi_c - ref_c) / 2 - (pi_r - ref_r) / 4                         # [0.75, -1.75, 0.0]
+    assert torch.allclose(ipo, (h_avg - 1.0) ** 2)
+    assert torch.allclose(ipo, torch.tensor([0.0625, 7.5625, 1.0]))
     with pytest.raises(ValueError):
         dpo.dpo_loss(z, z, z, z, kind="hinge?")
 
@@ -72,13 +77,17 @@ def test_dpo_steps_raise_the_margin(toy, tmp_path):
 
 def test_bad_pairs_are_skipped(toy, tmp_path):
     good = fixed_pairs(toy)
-    bad = [dict(good[0], id="no-media", media=["media/none.png"]), dict(good[1], id="empty", chosen=" ")]
+    textonly = {k: v for k, v in good[2].items() if k != "media"}
+    bad = [dict(good[0], id="no-media", media=["media/none.png"]), dict(good[1], id="empty", chosen=" "),
+           dict(textonly, id="no-media-field")]
     common.write_jsonl(tmp_path / "pairs.jsonl", good + bad)
     processor = common.load_processor(toy / "base")
     skips = common.SkipLog(tmp_path / "skipped.jsonl")
     cfg = dpo.Config(data_dir=str(toy / "data"), pairs=str(tmp_path / "pairs.jsonl"))
     kept, media = dpo.load_pairs(cfg, processor, skips)
-    assert [p["id"] for p in kept] == [p["id"] for p in good] and skips.total == 2
+    assert [p["id"] for p in kept] == [p["id"] for p in good] and skips.total == 3
+    reasons = {json.loads(l)["id"]: json.loads(l)["reason"] for l in (tmp_path / "skipped.jsonl").read_text().splitlines()}
+    assert reasons["no-media-field"].startswith("no media")   # named, never trained as text-only
 
 
 def test_chosen_nll_term_keeps_the_chosen_likely(toy, tmp_path):

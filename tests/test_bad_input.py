@@ -72,3 +72,197 @@ def test_repeated_records_land_once_and_shared_ids_are_renamed(tmp_path):
     train, test = (common.read_jsonl(data / f"reward_{s}.jsonl") for s in ("train", "test"))
     assert sorted(r["id"] for r in train + test) == ["HPD-h1", "HPD-h1#2", "HPD-h2"]
     assert len(train) + len(test) == 3 and skipped(data / "skipped.jsonl")["HPD-h1"].startswith("duplicate record")
+
+
+# ---------------------------------------------------------------------------------------------
+# faults in the training loops
+
+train = stage("02_train_reward")
+dpo = stage("04_dpo")
+pairs_stage = stage("03_build_pairs")
+ev = stage("05_eval")
+
+
+def small_data(toy, tmp_path, n=8, test=None):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "media").symlink_to(toy / "data" / "media")
+    records = common.read_jsonl(toy / "data" / "reward_train.jsonl")[:n]
+    common.write_jsonl(data / "reward_train.jsonl", records)
+    common.write_jsonl(data / "reward_test.jsonl", records if test is None else test)
+    return data
+
+
+def judge_config(toy, data, out, **kw):
+    return train.Config(**{**dict(data_dir=str(data), base=str(toy / "base"), out_dir=str(out), steps=4,
+                                  batch_size=4, eval_every=2, eval_size=0, warmup=1), **kw})
+
+
+def poison_gradients_at(monkeypatch, call: int):
+    """From the `call`-th loss on, a hook turns the gradient of one weight into NaN (the loss stays finite)."""
+    real, calls = train.reward_loss, {"n": 0}
+
+    def poisoned(model, *a, **k):
+        calls["n"] += 1
+        loss, stats = real(model, *a, **k)
+        if calls["n"] >= call:
+            loss.register_hook(lambda g: g * float("nan"))
+        return loss, stats
+    monkeypatch.setattr(train, "reward_loss", poisoned)
+
+
+def test_a_nan_gradient_stops_before_the_step_and_names_the_checkpoint_left(toy, tmp_path, monkeypatch):
+    data = small_data(toy, tmp_path)
+    poison_gradients_at(monkeypatch, 3)          # step 2's checkpoint is written, step 3 gets NaN gradients
+    with pytest.raises(RuntimeError, match="gradient norm is nan at step 2: .* the checkpoint of step 2 in .* is intact"):
+        train.main(judge_config(toy, data, tmp_path / "r"))
+    import torch
+    assert torch.load(tmp_path / "r" / "train_state.pt", weights_only=True)["step"] == 2
+    assert common.all_finite(common.load_model(tmp_path / "r").parameters())
+    with pytest.raises(RuntimeError, match="no checkpoint has been written"):
+        train.main(judge_config(toy, data, tmp_path / "r2", eval_every=4))
+
+
+def test_a_weight_gone_non_finite_is_never_written(toy, tmp_path, monkeypatch):
+    import torch
+    data = small_data(toy, tmp_path)
+    real_step, calls = torch.optim.AdamW.step, {"n": 0}
+
+    def step_then_break(self, *a, **k):      # the second step, the one before the first checkpoint, breaks a weight
+        out = real_step(self, *a, **k)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].fill_(float("inf"))
+        return out
+    monkeypatch.setattr(torch.optim.AdamW, "step", step_then_break)
+    with pytest.raises(RuntimeError, match="a weight is not finite at step 2: .* no checkpoint has been written"):
+        train.main(judge_config(toy, data, tmp_path / "r"))
+    assert not (tmp_path / "r" / "train_state.pt").exists() and not (tmp_path / "r" / "model.safetensors").exists()
+
+
+def test_resume_needs_a_checkpoint_and_keeps_the_earlier_skips(toy, tmp_path):
+    records = common.read_jsonl(toy / "data" / "reward_train.jsonl")[:8]
+    data = small_data(toy, tmp_path)
+    common.write_jsonl(data / "reward_train.jsonl", records + [dict(records[0], id="gone", media=["media/gone.png"])])
+    with pytest.raises(SystemExit, match="--resume: no checkpoint to resume from"):
+        train.main(judge_config(toy, data, tmp_path / "r", resume=True))
+    train.main(judge_config(toy, data, tmp_path / "r", steps=2))
+    first = (tmp_path / "r" / "skipped.jsonl").read_text()
+    assert '"gone"' in first
+    train.main(judge_config(toy, data, tmp_path / "r", steps=4, resume=True))
+    assert (tmp_path / "r" / "skipped.jsonl").read_text() == first        # kept, and not logged twice
+    (tmp_path / "pairs.jsonl").write_text("")
+    with pytest.raises(SystemExit, match="--resume: no checkpoint to resume from"):
+        dpo.main(dpo.Config(data_dir=str(data), pairs=str(tmp_path / "pairs.jsonl"), policy=str(toy / "base"),
+                            out_dir=str(tmp_path / "nothing"), resume=True))
+    with pytest.raises(SystemExit, match="--resume: nothing to resume"):
+        pairs_stage.main(pairs_stage.Config(data_dir=str(toy / "data"), policy=str(toy / "base"),
+                                            reward=str(toy / "base"), out_dir=str(tmp_path / "none"), resume=True))
+
+
+def test_an_output_folder_that_cannot_be_written_stops_before_training(toy, tmp_path):
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit, match="cannot write the output folder"):
+        train.main(judge_config(toy, toy / "data", tmp_path / "a_file" / "reward"))
+
+
+def test_default_paths_from_another_folder_say_where_they_belong(toy, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="the default paths are relative to the repository"):
+        train.main(train.Config(data_dir=str(toy / "data"), out_dir=str(tmp_path / "r")))   # base: toy/base
+    assert not (tmp_path / "r").exists() and not (tmp_path / "runs").exists()
+
+
+def judged_length(processor, record, data) -> int:
+    """Tokens the one-forward readout needs for a record: its prompt in the longer of its orders, plus
+    the verdict's decision path."""
+    media = common.load_media(record["media"], data)
+    orders = [(record, media)] + ([common.swapped(record, media)] if record["kind"] == "pairwise" else [])
+    answers = [a for _, a in common.verdict_candidates(record["task"], record["kind"], record.get("scale"))]
+    path, _ = common.decision_path(processor.tokenizer, answers)
+    return len(path) + max(len(common.encode(processor, m, common.render_question(
+        r["task"], r["kind"], r["prompt"], r["responses"], r.get("scale")))["input_ids"]) for r, m in orders)
+
+
+def test_held_out_records_too_long_are_skipped_and_counted(toy, tmp_path):
+    processor = common.load_processor(toy / "base")
+    records = common.read_jsonl(toy / "data" / "reward_test.jsonl")
+    lengths = {r["id"]: judged_length(processor, r, toy / "data") for r in records}
+    max_len = sorted(lengths.values())[len(lengths) // 2]
+    too_long = {i for i, n in lengths.items() if n > max_len}
+    assert 0 < len(too_long) < len(records)
+    fits = lambda r: len(common.encode(processor, common.load_media(r["media"], toy / "data"), r["question"],
+                                       r["answer"])["input_ids"]) <= max_len
+    data = small_data(toy, tmp_path, test=records)
+    common.write_jsonl(data / "reward_train.jsonl",
+                       [r for r in common.read_jsonl(toy / "data" / "reward_train.jsonl") if fits(r)])
+    train.main(judge_config(toy, data, tmp_path / "r", steps=2, max_len=max_len))
+    reasons = skipped(tmp_path / "r" / "skipped.jsonl")
+    assert {i for i, why in reasons.items() if why.startswith("too long")} == too_long
+    assert (tmp_path / "r" / "model.safetensors").exists() and (tmp_path / "r" / "eval.json").exists()
+    ev.main(ev.Config(data_dir=str(toy / "data"), reward=str(toy / "base"), policy="", pairs_dir="",
+                      out_dir=str(tmp_path / "e"), max_len=max_len))
+    reasons = skipped(tmp_path / "e" / "skipped.jsonl")
+    assert {i for i, why in reasons.items() if why.startswith("too long")} == too_long
+
+
+def test_an_unreadable_medium_is_logged_once_over_many_evaluations(toy, tmp_path):
+    records = common.read_jsonl(toy / "data" / "reward_test.jsonl")[:4]
+    data = small_data(toy, tmp_path, test=records[:3])
+    (data / "broken.png").write_bytes(b"not a png")
+    common.write_jsonl(data / "reward_test.jsonl", records[:3] + [dict(records[3], id="broken", media=["broken.png"] *
+                                                                   len(records[3]["media"]))])
+    train.main(judge_config(toy, data, tmp_path / "r", steps=3, eval_every=1))   # four evaluations + the control
+    lines = [json.loads(l) for l in (tmp_path / "r" / "skipped.jsonl").read_text().splitlines()]
+    assert [l["id"] for l in lines].count("broken") == 1
+
+
+def test_dpo_killed_and_resumed_ends_as_an_uninterrupted_run(toy, tmp_path, monkeypatch):
+    import torch
+    rows = common.read_jsonl(toy / "data" / "prompts_train.jsonl")[:4]
+    pairs = [{"id": r["id"], "task": r["task"], "media": r["media"], "prompt": r["question"], "chosen": r["answer"],
+              "rejected": "purple, purple"} for r in rows] * 3
+    common.write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    cfg = lambda out, **kw: dpo.Config(**{**dict(data_dir=str(toy / "data"), pairs=str(tmp_path / "pairs.jsonl"),
+                                                 policy=str(toy / "base"), out_dir=str(out), epochs=3, batch_size=4,
+                                                 lr=1e-3, warmup=1, holdout=0.2), **kw})
+    dpo.main(cfg(tmp_path / "straight"))
+    real, calls = dpo.dpo_loss, {"n": 0}
+
+    def dies(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 6:          # in epoch 3, after epoch 2's checkpoint (2 steps an epoch, evaluations too)
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(dpo, "dpo_loss", dies)
+    with pytest.raises(KeyboardInterrupt):
+        dpo.main(cfg(tmp_path / "cut"))
+    monkeypatch.setattr(dpo, "dpo_loss", real)
+    assert torch.load(tmp_path / "cut" / "train_state.pt", weights_only=True)["step"] in (2, 4)
+    dpo.main(cfg(tmp_path / "cut", resume=True))
+    a, b = (common.load_model(tmp_path / d).state_dict() for d in ("straight", "cut"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_pairs_killed_and_resumed_end_as_an_uninterrupted_run(toy, tmp_path, monkeypatch):
+    cfg = lambda out, **kw: pairs_stage.Config(**{**dict(data_dir=str(toy / "data"), policy=str(toy / "base"),
+                                                         reward=str(toy / "base"), out_dir=str(out), n_samples=4,
+                                                         max_new_tokens=8, chunk=3), **kw})
+    pairs_stage.main(cfg(tmp_path / "straight"))
+    real, calls = pairs_stage.judge_prompt, {"n": 0}
+
+    def dies(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 5:          # inside the second chunk of questions
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(pairs_stage, "judge_prompt", dies)
+    with pytest.raises(KeyboardInterrupt):
+        pairs_stage.main(cfg(tmp_path / "cut"))
+    monkeypatch.setattr(pairs_stage, "judge_prompt", real)
+    with open(tmp_path / "cut" / "candidates.jsonl", "a") as f:
+        f.write('{"id": "torn", "task"')                          # a line cut off mid-write
+    pairs_stage.main(cfg(tmp_path / "cut", resume=True))
+    for name in ("candidates.jsonl", "pairs.jsonl", "gen_pairs.jsonl"):
+        assert (tmp_path / "cut" / name).read_text() == (tmp_path / "straight" / name).read_text(), name

@@ -1,9 +1,11 @@
 """The real-data path on fixture files written in the released formats (../shared/FORMATS.md):
 01 reading the authors' training data, and 05 reading the four reward benchmarks."""
 import json
+import math
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import common
@@ -208,3 +210,73 @@ def test_generate_judging_counts_unparsed_verdicts(benches, toy, tmp_path):
     skips = c.SkipLog(tmp_path / "skipped.jsonl")
     res = ev.run_benchmark("genai-image", str(benches / "genai_image"), model, processor, cfg, "cpu", skips)
     assert res["n"] == 4 and res["unparsed"] == 4 and res["tau"] == 0.0 and res["diff"] == 0.0
+
+
+def test_a_judge_without_preference_scores_at_chance():
+    """Exactly equal probabilities earn half a point, not the first position; a tie verdict on a pair
+    that is not a tie is wrong."""
+    no_preference = [[0.5, 0.5, 0.0]] * 4
+    a = common.pair_accuracy(no_preference, [1, 1, 1, 2])
+    assert a["diff"] == a["tau"] == 0.5
+    always_tie = [[0.0, 0.0, 1.0]] * 4
+    a = common.pair_accuracy(always_tie, [1, 2, 1, 0])
+    assert a["diff"] == 0.0 and a["tau"] == 0.25
+    m = ev.benchmark_metrics("vlrewardbench", [{"label": 1, "p": [0.5, 0.5, 0.0], "group": "General"}] * 10)
+    assert m["overall"] == m["macro"] == 0.5
+
+
+def test_benchmark_pairs_are_shown_in_a_seeded_random_order(benches, toy, tmp_path, monkeypatch):
+    """A benchmark that lists its better response first in every row cannot reward a judge that always
+    prefers the first item it is shown."""
+    vl = tmp_path / "vl"
+    png(vl / "i.png")
+    (vl / "test.jsonl").write_text("\n".join(json.dumps(
+        {"id": f"wildvision_{k}", "query": "What is it?", "response": ["A cat.", f"A dog {k}."], "image": "i.png",
+         "human_ranking": [0, 1]}) for k in range(40)))
+    first_always = lambda model, processor, records, media, *a, **k: torch.tensor([[1.0, 0.0, 0.0]] * len(records))
+    monkeypatch.setattr(common, "judge_pairwise", first_always)
+    res = ev.run_benchmark("vlrewardbench", str(vl), None, None, ev.Config(), "cpu",
+                           common.SkipLog(tmp_path / "skipped.jsonl"))
+    records, media = ev.benchmark_records("vlrewardbench", *ev.load_rows("vlrewardbench", str(vl)),
+                                          common.SkipLog(tmp_path / "s2.jsonl"))
+    shown, _ = ev.random_order(records, media, ev.Config().seed)
+    kept_first = sum(r["label"] == 1 for r in shown)
+    assert 10 < kept_first < 30 and res["overall"] == kept_first / 40
+    assert all(s["responses"] == (r["responses"] if s["label"] == 1 else r["responses"][::-1])
+               for s, r in zip(shown, records))
+
+
+def test_local_benchmark_folders_in_every_published_layout(tmp_path):
+    """The authors' GenAI-Bench-Video data.json (video_left / video_right), and a copy of the hub's
+    folders, where only the benchmark's split is read (test, not test_v1)."""
+    authors = tmp_path / "authors"
+    authors.mkdir()
+    for name in ("l.mp4", "r.mp4"):
+        world.write_mp4(np.full((8, 32, 32, 3), 90, np.uint8), authors / name)
+    (authors / "data.json").write_text(json.dumps(
+        [{"prompt": "a car", "video_left": "l.mp4", "video_right": "r.mp4", "vote_type": "leftvote"}] * 3))
+    rows, folder = ev.load_rows("genai-video", str(authors))
+    recs, media = ev.benchmark_records("genai-video", rows, folder, common.SkipLog(tmp_path / "s.jsonl"))
+    assert len(recs) == 3 and all(isinstance(m[0], common.Video) for m in media)
+    hub = tmp_path / "hub" / "image_generation"
+    png(hub / "l.png")
+    row = {"prompt": "a red square", "left_image": "l.png", "right_image": "l.png", "vote_type": "leftvote"}
+    (hub / "test-00000-of-00001.jsonl").write_text(json.dumps(row))
+    (hub / "test_v1-00000-of-00001.jsonl").write_text("\n".join([json.dumps(row)] * 5))
+    rows, _ = ev.load_rows("genai-image", str(tmp_path / "hub"))
+    assert len(rows) == 1
+
+
+def test_empty_benchmarks_say_so_and_empty_metrics_show_na(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="no parquet, json or jsonl file under"):
+        ev.load_rows("videogen", str(tmp_path / "empty"))
+    (tmp_path / "blank").mkdir()
+    (tmp_path / "blank" / "eval.jsonl").write_text("")
+    with pytest.raises(SystemExit, match="videogen: "):
+        ev.load_rows("videogen", str(tmp_path / "blank"))
+    m = ev.benchmark_metrics("genai-image", [])
+    assert math.isnan(m["tau"]) and math.isnan(m["diff"])
+    assert "| genai-image | tau | n/a |" in ev.benchmarks_markdown({"genai-image": m})
+    assert "| image_generation | n/a | n/a | n/a | 90.0 |" in ev.to_markdown(
+        {"judge": {"image_generation": {"pointwise": {"exact": 0.9, "spearman": float("nan")}}}})
