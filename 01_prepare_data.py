@@ -256,6 +256,7 @@ class Config:
 
 
 def main(cfg: Config) -> None:
+    common.from_repository(cfg)
     t0 = time.time()
     data = Path(cfg.out_dir) / "data"
     data.mkdir(parents=True, exist_ok=True)

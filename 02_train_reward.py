@@ -262,18 +262,23 @@ def subsample(records, per_group: int, seed: int) -> list[dict]:
 def no_pixels_control(model, processor, records, cfg, device, skips) -> dict:
     """The judge with every medium replaced by flat grey, pairs judged in one order only.
     A judge that ignores the pixels scores the same as with them; ours should fall to chance:
-    ~50% on pairs (labels are balanced) and the majority-score share on single items."""
+    ~50% on pairs (labels are balanced) and the majority-score share on single items. The pairs'
+    figure is the forced choice between the two (pair_single): two grey candidates are rightly called
+    a tie, which the benchmarks' accuracy without ties counts as wrong, and would read as below chance."""
     preds = common.judge_records(model, processor, records, cfg.data_dir, device, cfg.template, skips,
                                  blank=True, both_orders=False, max_len=cfg.max_len)
     out = common.judge_metrics(preds)
     for task in out:
-        out[task]["pair_single"] = out[task].get("pair_diff")
+        strict = [p for p in preds if p["task"] == task and p["kind"] == "pairwise" and p["label"] != 0]
+        forced = [[p["p"][0], p["p"][1], 0.0] for p in strict]
+        out[task]["pair_single"] = common.pair_accuracy(forced, [p["label"] for p in strict])["diff"]
     return out
 
 
 # ---------------------------------------------------------------------------------------------
 
 def main(cfg: Config) -> dict:
+    common.from_repository(cfg)
     common.set_seed(cfg.seed)
     device = common.get_device()
     common.require(Path(cfg.data_dir) / "reward_train.jsonl", "--data-dir", "01_prepare_data.py", hub_ok=False)

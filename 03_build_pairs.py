@@ -215,6 +215,7 @@ def resume_outputs(out: Path) -> set[str]:
 
 
 def main(cfg: Config) -> dict:
+    common.from_repository(cfg)
     common.set_seed(cfg.seed)
     device = common.get_device()
     out, data = Path(cfg.out_dir), Path(cfg.data_dir)

@@ -134,6 +134,7 @@ def reference_logps(model, processor, pairs, media, cfg) -> torch.Tensor:
 
 
 def main(cfg: Config) -> dict:
+    common.from_repository(cfg)
     common.set_seed(cfg.seed)
     device = common.get_device()
     common.require(cfg.pairs, "--pairs", "03_build_pairs.py", hub_ok=False)
@@ -236,7 +237,7 @@ def main(cfg: Config) -> dict:
             checkpoint()
     bar.close()
     final = evaluate()
-    print("held-out after:", {k: round(v, 3) for k, v in final.items()}, f"({time.time() - t0:.0f}s)")
+    print("held-out after:", {k: round(v, 3) for k, v in final.items()}, f"({time.time() - t0:.0f}s); {skips.summary()}")
     return final
 
 

@@ -392,6 +392,7 @@ def to_markdown(results) -> str:
 
 
 def main(cfg: Config) -> dict:
+    common.from_repository(cfg)
     common.set_seed(cfg.seed)
     device = common.get_device()
     common.require(cfg.reward, "--reward", "02_train_reward.py")

@@ -96,6 +96,20 @@ def autocast(device: str):
     return contextlib.nullcontext()
 
 
+def from_repository(cfg) -> None:
+    """Stop before any work when a stage runs outside the repository with a default path: the defaults
+    (runs/toy/..., toy/base) are relative to the repository, and elsewhere they would read nothing and
+    leave stray folders behind."""
+    if Path.cwd() == ROOT:
+        return
+    relative = [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(cfg)
+                if isinstance(f.default, str) and f.default and getattr(cfg, f.name) == f.default
+                and not Path(f.default).is_absolute() and f.default.startswith(("runs/", "toy/"))]
+    if relative:
+        raise SystemExit(f"the default paths are relative to the repository ({ROOT}), not to {Path.cwd()}: "
+                         f"run the stages from there, or pass {', '.join(relative)}")
+
+
 def require(path, flag: str, made_by: str, hub_ok: bool = True) -> None:
     """Stop before any work when an input is missing, naming the stage that writes it and the flag that
     replaces it ("runs/toy/reward not found: run 02_train_reward.py first, or pass --reward"). With

@@ -171,6 +171,8 @@ def test_default_paths_from_another_folder_say_where_they_belong(toy, tmp_path, 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit, match="the default paths are relative to the repository"):
         train.main(train.Config(data_dir=str(toy / "data"), out_dir=str(tmp_path / "r")))   # base: toy/base
+    with pytest.raises(SystemExit, match="pass --out-dir"):
+        prep.main(prep.Config())                           # would write runs/toy here
     assert not (tmp_path / "r").exists() and not (tmp_path / "runs").exists()
 
 
