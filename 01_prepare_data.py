@@ -210,10 +210,32 @@ def deduplicate(records: list[dict], skips) -> list[dict]:
     return out
 
 
+def read_json_list(path, skips) -> list[tuple[int, object]]:
+    """A released json file: a list of records, as (index in the file, record). Bytes that are not
+    UTF-8 spoil only the records whose strings hold them (each skipped and named); a file that does not
+    parse is skipped whole and named."""
+    text = Path(path).read_bytes().decode("utf-8", errors="surrogateescape")   # bad bytes -> lone surrogates
+    try:
+        raw = json.loads(text)
+    except ValueError as e:
+        skips.add(path, None, f"malformed json: {e}")
+        return []
+    if not isinstance(raw, list):
+        skips.add(path, None, f"malformed json: top level is {type(raw).__name__}, not a list")
+        return []
+    kept = []
+    for i, r in enumerate(raw):
+        if re.search(r"[\udc80-\udcff]", json.dumps(r, ensure_ascii=False)):
+            skips.add(path, r.get("id", f"#{i}") if isinstance(r, dict) else f"#{i}", "not UTF-8: undecodable bytes")
+        else:
+            kept.append((i, r))
+    return kept
+
+
 def map_source(path: Path, src: str, media_root: Path, data_dir: Path, skips) -> list[dict]:
     """Every record of one released json file as a unified record; the others are skipped and named."""
     kept = []
-    for i, r in common.read_json_list(path, skips):
+    for i, r in read_json_list(path, skips):
         try:
             if not isinstance(r, dict):
                 raise Unmappable("record is not an object")

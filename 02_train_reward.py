@@ -18,7 +18,9 @@ import random
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 import common
@@ -231,6 +233,79 @@ class Batches:
 # ---------------------------------------------------------------------------------------------
 # evaluation
 
+def blank_like(medium):
+    """A uniform grey stand-in of the same size: the no-pixels control."""
+    if isinstance(medium, common.Video):
+        return common.Video(np.full_like(medium.frames, 128), medium.fps)
+    return Image.new("RGB", medium.size, (128, 128, 128))
+
+
+def judge_records(model, processor, records, data_dir, device, template="short", skips=None,
+                  blank=False, both_orders=True, batch_size=16, max_len=4096) -> list[dict]:
+    """Judge each record with the one-forward readout. Returns one prediction per usable record:
+    pairwise {"id", "p": [P(first), P(second), P(tie)]}; pointwise {"id", "expected", "score"}.
+    Records whose media cannot be read, or that do not fit max_len, are skipped and logged in `skips`."""
+    usable, media = [], []
+    for r in records:
+        if not r.get("prompt"):   # released records whose wording hid the caption/question
+            if skips is not None:
+                skips.add(data_dir, r.get("id"), "no structured prompt: cannot render it in both orders")
+            continue
+        try:
+            m = common.load_media(r["media"], data_dir)
+        except common.MediaError as e:
+            if skips is None:
+                raise
+            skips.add(data_dir, r.get("id"), f"unreadable media: {e}")
+            continue
+        usable.append(r)
+        media.append([blank_like(x) for x in m] if blank else m)
+    preds = [None] * len(usable)
+    pair = [i for i, r in enumerate(usable) if r["kind"] == "pairwise"]
+    point = [i for i, r in enumerate(usable) if r["kind"] == "pointwise"]
+    if pair:
+        p = common.judge_pairwise(model, processor, [usable[i] for i in pair], [media[i] for i in pair], device,
+                                  template, both_orders, batch_size, max_len)
+        for i, row in zip(pair, p.tolist()):
+            preds[i] = {"id": usable[i]["id"], "p": row}
+    if point:
+        e, b = common.judge_pointwise(model, processor, [usable[i] for i in point], [media[i] for i in point],
+                                      device, template, batch_size, max_len)
+        for i, ev, bv in zip(point, e.tolist(), b.tolist()):
+            preds[i] = {"id": usable[i]["id"], "expected": ev, "score": bv}
+    out = []
+    for p, r in zip(preds, usable):
+        if math.isnan(sum(p["p"]) if "p" in p else p["expected"]):
+            if skips is None:
+                raise common.TooLong(f"{r.get('id')}: too long for {max_len} tokens")
+            skips.add(data_dir, r.get("id"), f"too long: the prompt and the verdict need more than {max_len} tokens")
+            continue
+        out.append(dict(p, task=r["task"], kind=r["kind"], label=r.get("label"), truth=r.get("score")))
+    return out
+
+
+def judge_metrics(preds: list[dict]) -> dict:
+    """Per task, from judge_records' output: pairwise diff and tau (common.pair_accuracy); pointwise exact =
+    share of records whose most likely score equals the true score, and the Spearman correlation of the
+    expected score with the truth, which shows a judge that has learned part of a score (one of two
+    attributes, say) while its exact accuracy still sits at the majority share."""
+    out = {}
+    for task in common.TASKS:
+        pair = [p for p in preds if p["task"] == task and p["kind"] == "pairwise"]
+        point = [p for p in preds if p["task"] == task and p["kind"] == "pointwise"]
+        m = {}
+        if pair:
+            a = common.pair_accuracy([p["p"] for p in pair], [p["label"] for p in pair])
+            m.update(pair_diff=a["diff"], pair_tau=a["tau"], pair_n=a["n"], pair_ties=a["ties"])
+        if point:
+            m["point_exact"] = sum(p["score"] == p["truth"] for p in point) / len(point)
+            m["point_spearman"] = common.spearman([p["expected"] for p in point], [p["truth"] for p in point])
+            m["point_n"] = len(point)
+        if m:
+            out[task] = m
+    return out
+
+
 def format_table(metrics: dict, control: dict | None = None) -> str:
     """Held-out judge accuracy per task, as a markdown table."""
     lines = ["| task | pairwise acc (no ties) | with ties (tau) | pointwise exact | pointwise Spearman |"
@@ -265,9 +340,9 @@ def no_pixels_control(model, processor, records, cfg, device, skips) -> dict:
     ~50% on pairs (labels are balanced) and the majority-score share on single items. The pairs'
     figure is the forced choice between the two (pair_single): two grey candidates are rightly called
     a tie, which the benchmarks' accuracy without ties counts as wrong, and would read as below chance."""
-    preds = common.judge_records(model, processor, records, cfg.data_dir, device, cfg.template, skips,
+    preds = judge_records(model, processor, records, cfg.data_dir, device, cfg.template, skips,
                                  blank=True, both_orders=False, max_len=cfg.max_len)
-    out = common.judge_metrics(preds)
+    out = judge_metrics(preds)
     for task in out:
         strict = [p for p in preds if p["task"] == task and p["kind"] == "pairwise" and p["label"] != 0]
         forced = [[p["p"][0], p["p"][1], 0.0] for p in strict]
@@ -313,10 +388,10 @@ def main(cfg: Config) -> dict:
 
     def evaluate(records):
         model.eval()
-        preds = common.judge_records(model, processor, records, cfg.data_dir, device, cfg.template, skips,
+        preds = judge_records(model, processor, records, cfg.data_dir, device, cfg.template, skips,
                                      max_len=cfg.max_len)
         model.train()
-        return common.judge_metrics(preds)
+        return judge_metrics(preds)
 
     def checkpoint():
         nonlocal saved

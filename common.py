@@ -1,24 +1,25 @@
 """Shared pieces of the UnifiedReward pipeline: only what two or more stages use.
 
 Sections, in the order a reader meets them in the stages:
-  config + run helpers        parse a @dataclass Config from the command line, seeds, device, autocast
+  config + run helpers        a @dataclass Config from the command line, seeds, device, autocast, the
+                              checks that stop a stage before any work (missing input, unwritable output)
   files                       jsonl I/O, the skip log, atomic checkpoint writes
   media                       images (PIL) and videos (decord, 8 uniformly spaced frames)
   prompts and answers         the judge's question templates, answer strings, strict parsing
-  models                      loading any Qwen2.5-VL checkpoint; building the tiny toy one
+  models                      loading any Qwen2.5-VL checkpoint (the tiny toy one is built in toy/)
   batches                     chat template -> token ids, answer mask, padding
-  log-probabilities           answer log-probs and the one-forward judgments (DESIGN.md section 6)
+  log-probabilities           answer log-probs
+  judging without generating  the one-forward readout of verdicts and scores (DESIGN.md section 6)
+  judging records             checking a unified record, benchmark accuracies, judging by generating
 """
 from __future__ import annotations
 
 import argparse
-import ast
 import contextlib
 import dataclasses
 import inspect
 import json
 import math
-import os
 import random
 import re
 import shutil
@@ -238,28 +239,6 @@ def read_jsonl(path, skips: SkipLog | None = None) -> list[dict]:
                 raise ValueError(f"{path}:{lineno}: {reason}") from None
             skips.add(path, f"line {lineno}", reason)
     return rows
-
-
-def read_json_list(path, skips: SkipLog) -> list[tuple[int, object]]:
-    """A released json file: a list of records, as (index in the file, record). Bytes that are not
-    UTF-8 spoil only the records whose strings hold them (each skipped and named); a file that does not
-    parse is skipped whole and named."""
-    text = Path(path).read_bytes().decode("utf-8", errors="surrogateescape")   # bad bytes -> lone surrogates
-    try:
-        raw = json.loads(text)
-    except ValueError as e:
-        skips.add(path, None, f"malformed json: {e}")
-        return []
-    if not isinstance(raw, list):
-        skips.add(path, None, f"malformed json: top level is {type(raw).__name__}, not a list")
-        return []
-    kept = []
-    for i, r in enumerate(raw):
-        if re.search(r"[\udc80-\udcff]", json.dumps(r, ensure_ascii=False)):
-            skips.add(path, r.get("id", f"#{i}") if isinstance(r, dict) else f"#{i}", "not UTF-8: undecodable bytes")
-        else:
-            kept.append((i, r))
-    return kept
 
 
 def save_checkpoint(model, processor, out_dir, extra: dict | None = None) -> None:
@@ -851,7 +830,7 @@ def generate(model, processor, prompts, device, max_new_tokens=32, temperature=0
 
 
 # ---------------------------------------------------------------------------------------------
-# judging a set of records (02's periodic evaluation, 05's benchmark)
+# judging records: what 01, 02 and 05 check, what 02 and 05 score, what 03 and 05 generate
 
 def check_record(r: dict, data_dir) -> str | None:
     """Why a unified record cannot be used, or None. Media are checked for existence here and for
@@ -875,57 +854,6 @@ def check_record(r: dict, data_dir) -> str | None:
         if lo is None or not isinstance(r.get("score"), (int, float)) or not lo <= r["score"] <= hi:
             return f"score {r.get('score')!r} outside scale {r.get('scale')!r}"
     return None
-
-
-def blank_like(medium):
-    """A uniform grey stand-in of the same size: the no-pixels control."""
-    if isinstance(medium, Video):
-        return Video(np.full_like(medium.frames, 128), medium.fps)
-    return Image.new("RGB", medium.size, (128, 128, 128))
-
-
-def judge_records(model, processor, records, data_dir, device, template="short", skips=None,
-                  blank=False, both_orders=True, batch_size=16, max_len=4096) -> list[dict]:
-    """Judge each record with the one-forward readout. Returns one prediction per usable record:
-    pairwise {"id", "p": [P(first), P(second), P(tie)]}; pointwise {"id", "expected", "score"}.
-    Records whose media cannot be read, or that do not fit max_len, are skipped and logged in `skips`."""
-    usable, media = [], []
-    for r in records:
-        if not r.get("prompt"):   # released records whose wording hid the caption/question
-            if skips is not None:
-                skips.add(data_dir, r.get("id"), "no structured prompt: cannot render it in both orders")
-            continue
-        try:
-            m = load_media(r["media"], data_dir)
-        except MediaError as e:
-            if skips is None:
-                raise
-            skips.add(data_dir, r.get("id"), f"unreadable media: {e}")
-            continue
-        usable.append(r)
-        media.append([blank_like(x) for x in m] if blank else m)
-    preds = [None] * len(usable)
-    pair = [i for i, r in enumerate(usable) if r["kind"] == "pairwise"]
-    point = [i for i, r in enumerate(usable) if r["kind"] == "pointwise"]
-    if pair:
-        p = judge_pairwise(model, processor, [usable[i] for i in pair], [media[i] for i in pair], device,
-                           template, both_orders, batch_size, max_len)
-        for i, row in zip(pair, p.tolist()):
-            preds[i] = {"id": usable[i]["id"], "p": row}
-    if point:
-        e, b = judge_pointwise(model, processor, [usable[i] for i in point], [media[i] for i in point], device,
-                               template, batch_size, max_len)
-        for i, ev, bv in zip(point, e.tolist(), b.tolist()):
-            preds[i] = {"id": usable[i]["id"], "expected": ev, "score": bv}
-    out = []
-    for p, r in zip(preds, usable):
-        if math.isnan(sum(p["p"]) if "p" in p else p["expected"]):
-            if skips is None:
-                raise TooLong(f"{r.get('id')}: too long for {max_len} tokens")
-            skips.add(data_dir, r.get("id"), f"too long: the prompt and the verdict need more than {max_len} tokens")
-            continue
-        out.append(dict(p, task=r["task"], kind=r["kind"], label=r.get("label"), truth=r.get("score")))
-    return out
 
 
 def pairwise_verdict(p, ties: bool = True) -> int | None:
@@ -970,28 +898,6 @@ def spearman(x, y) -> float:
     if rx.std() == 0 or ry.std() == 0:
         return float("nan")
     return float(np.corrcoef(rx, ry)[0, 1])
-
-
-def judge_metrics(preds: list[dict]) -> dict:
-    """Per task, from judge_records' output: pairwise diff and tau (pair_accuracy); pointwise exact =
-    share of records whose most likely score equals the true score, and the Spearman correlation of the
-    expected score with the truth, which shows a judge that has learned part of a score (one of two
-    attributes, say) while its exact accuracy still sits at the majority share."""
-    out = {}
-    for task in TASKS:
-        pair = [p for p in preds if p["task"] == task and p["kind"] == "pairwise"]
-        point = [p for p in preds if p["task"] == task and p["kind"] == "pointwise"]
-        m = {}
-        if pair:
-            a = pair_accuracy([p["p"] for p in pair], [p["label"] for p in pair])
-            m.update(pair_diff=a["diff"], pair_tau=a["tau"], pair_n=a["n"], pair_ties=a["ties"])
-        if point:
-            m["point_exact"] = sum(p["score"] == p["truth"] for p in point) / len(point)
-            m["point_spearman"] = spearman([p["expected"] for p in point], [p["truth"] for p in point])
-            m["point_n"] = len(point)
-        if m:
-            out[task] = m
-    return out
 
 
 @torch.no_grad()

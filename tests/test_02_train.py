@@ -1,6 +1,5 @@
 """02_train_reward.py: the hand-written loss, overfitting, resume, bad input, NaN stop."""
 import json
-import shutil
 
 import pytest
 import torch

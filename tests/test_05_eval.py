@@ -1,7 +1,6 @@
 """05_eval.py: metrics on hand-made predictions, and the whole evaluation on the tiny toy."""
 import math
 
-import numpy as np
 import pytest
 
 import common

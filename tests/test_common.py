@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import common
+from conftest import stage
 from toy import world
 
 
@@ -223,10 +224,10 @@ def test_judge_metrics_spearman_sees_a_half_learned_score():
     truths = [1, 3, 3, 5]
     preds = [{"task": "image_generation", "kind": "pointwise", "expected": e, "score": 3, "truth": t}
              for e, t in zip([2.0, 3.0, 3.0, 4.0], truths)]
-    m = common.judge_metrics(preds)["image_generation"]
+    m = stage("02_train_reward").judge_metrics(preds)["image_generation"]
     assert m["point_exact"] == 0.5 and m["point_spearman"] == pytest.approx(1.0) and m["point_n"] == 4
     shuffled = [dict(p, expected=e) for p, e in zip(preds, [4.0, 3.0, 3.0, 2.0])]
-    assert common.judge_metrics(shuffled)["image_generation"]["point_spearman"] == pytest.approx(-1.0)
+    assert stage("02_train_reward").judge_metrics(shuffled)["image_generation"]["point_spearman"] == pytest.approx(-1.0)
 
 
 def test_config_help_keeps_continued_comments_and_percent_signs(capsys):

@@ -23,6 +23,7 @@ scores highest and how often each gets full marks (the mistake behind 03's wrong
 """
 import argparse
 import collections
+import importlib
 import sys
 import tempfile
 from pathlib import Path
@@ -34,6 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
 
 from toy import world as prep  # noqa: E402
+
+stage2 = importlib.import_module("02_train_reward")
 
 
 def category(task: str, kind: str, truth: dict, label=None, score=None) -> str:
@@ -149,9 +152,9 @@ def main():
     processor = common.load_processor(a.model)
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
         records, truths = fresh_examples(a.n, a.seed, Path(tmp))
-        preds = common.judge_records(model, processor, records, tmp, device)
+        preds = stage2.judge_records(model, processor, records, tmp, device)
         pairs = [r for r in records if r["task"].endswith("generation") and r["kind"] == "pairwise"]
-        alone = common.judge_records(model, processor, [s for r in pairs for s in single_items(r)], tmp, device)
+        alone = stage2.judge_records(model, processor, [s for r in pairs for s in single_items(r)], tmp, device)
         singles = {r["id"]: (a["expected"], b["expected"]) for r, a, b in zip(pairs, alone[::2], alone[1::2])}
         d_records, d_media, d_truths = direction_items(a.clips, a.seed)
         expected, best = common.judge_pointwise(model, processor, d_records, d_media, device)
