@@ -50,6 +50,7 @@ class Config:
     eval_size: int = 32               # test records per task and kind in periodic evals (0 = all; the final one uses all)
     seed: int = 0                     # seeds data order and initialisation of anything random
     resume: bool = False              # continue from the checkpoint in out_dir
+    grad_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~1/3 more compute
 
 
 # ---------------------------------------------------------------------------------------------
@@ -369,7 +370,7 @@ def main(cfg: Config) -> dict:
     start = out if cfg.resume else cfg.base
     model = common.load_model(start, device, train=True)
     processor = common.load_processor(start)
-    model.config.use_cache = False
+    common.prepare_for_training(model, cfg.grad_checkpointing)
     if not cfg.train_vision:
         model.model.visual.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -54,6 +54,7 @@ class Config:
     holdout: float = 0.1                           # share of pairs held out to watch reward accuracy
     seed: int = 0                                  # data order
     resume: bool = False                           # continue from the checkpoint in out_dir
+    grad_checkpointing: bool = False               # recompute activations in the backward pass: less memory, more compute
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,10 +146,9 @@ def main(cfg: Config) -> dict:
     skips = common.SkipLog(out / "skipped.jsonl", resume=cfg.resume)
     model = common.load_model(out if cfg.resume else cfg.policy, device, train=True)
     processor = common.load_processor(cfg.policy)
-    # Dropout off (eval mode) while training: the policy's log-probs must be computed exactly as the
-    # reference's were, or the margin h carries dropout noise even at step 0.
-    model.eval()
-    model.config.use_cache = False
+    # Dropout off while training: the policy's log-probs must be computed exactly as the reference's
+    # were, or the margin h carries dropout noise even at step 0.
+    common.prepare_for_training(model, cfg.grad_checkpointing)
     pairs, media = load_pairs(cfg, processor, skips)
     print(f"{len(pairs)} pairs from {cfg.pairs}; {skips.summary()}")
     if len(pairs) < 2:

@@ -511,6 +511,27 @@ def load_model(name_or_path, device="cpu", train=False):
     return model.to(device)
 
 
+def prepare_for_training(model, grad_checkpointing: bool = False):
+    """Train mode with every dropout at zero, and optionally activation checkpointing.
+
+    Dropout is zeroed rather than the model left in eval mode: transformers turns gradient checkpointing
+    on only in train mode, and DPO needs the policy's log-probs computed exactly as the reference's were.
+    Checkpointing keeps only each decoder layer's input and recomputes the rest in the backward pass:
+    activations shrink from all layers' to one layer's, for about a third more compute."""
+    for config in (model.config, getattr(model.config, "text_config", None), getattr(model.config, "vision_config", None)):
+        if config is not None and hasattr(config, "attention_dropout"):
+            config.attention_dropout = 0.0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if hasattr(module, "attention_dropout"):
+            module.attention_dropout = 0.0
+    model.config.use_cache = False
+    if grad_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    return model.train()
+
+
 def load_processor(name_or_path):
     from transformers import AutoProcessor
     return AutoProcessor.from_pretrained(name_or_path)

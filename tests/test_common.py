@@ -244,3 +244,26 @@ def test_config_help_keeps_continued_comments_and_percent_signs(capsys):
         common.parse_config(Cfg, ["--help"])
     assert "reaches 96% at this rate" in " ".join(capsys.readouterr().out.split())
     assert common.parse_config(Cfg, ["--steps", "7"]) == Cfg(lr=3e-4, steps=7)
+
+
+def test_training_mode_without_dropout_and_with_checkpointing_computes_the_same(toy):
+    """prepare_for_training: train mode scores exactly as eval mode (no dropout left), and activation
+    checkpointing changes the memory, not the gradients."""
+    base = toy / "base"
+    recs = common.read_jsonl(toy / "data" / "reward_train.jsonl")[:4]
+    processor = common.load_processor(base)
+    encs = [common.encode(processor, common.load_media(r["media"], toy / "data"), r["question"], r["answer"])
+            for r in recs]
+    batch = common.collate(encs, processor.tokenizer.pad_token_id)
+    reference = common.load_model(base).eval()
+    with torch.no_grad():
+        want = common.answer_logps(reference, batch)
+    grads = []
+    for checkpointing in (False, True):
+        model = common.prepare_for_training(common.load_model(base), checkpointing)
+        assert model.training and model.model.language_model.gradient_checkpointing == checkpointing
+        logps = common.answer_logps(model, batch)
+        assert torch.equal(logps.detach(), want)
+        (-logps.sum()).backward()
+        grads.append([p.grad for p in model.parameters()])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
