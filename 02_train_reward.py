@@ -45,12 +45,20 @@ class Config:
                                       # 20% cheaper and the toy judge learns more per step
     cache: bool = True                # keep every encoded example in memory after its first use (with the tower
                                       # frozen, its output, not the pixels: 1.2 GB peak on the toy); off for large sets
-    max_len: int = 2048               # longest example in tokens; longer ones are skipped, never truncated
+    max_len: int = 0                  # longest example in tokens, never truncated: longer ones are skipped and counted
+                                      # (0: by template, 2,048 for short, 13,000 for paper, the authors' cutoff)
+    max_pixels: int = 0               # pixels a picture is resized down to at most (0: by template: the checkpoint's own
+                                      # for short, 262,144 for paper)
+    frame_pixels: int = 0             # pixels a video frame is resized down to at most (0: by template: the
+                                      # checkpoint's own for short, 16,384 for paper)
     eval_every: int = 1000            # steps between held-out evaluations (and checkpoints)
     eval_size: int = 32               # test records per task and kind in periodic evals (0 = all; the final one uses all)
     seed: int = 0                     # seeds data order and initialisation of anything random
     resume: bool = False              # continue from the checkpoint in out_dir
     grad_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~1/3 more compute
+
+    def __post_init__(self):   # max_len, max_pixels, frame_pixels left at 0 take the template's limits
+        common.template_limits(self)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -369,7 +377,7 @@ def main(cfg: Config) -> dict:
 
     start = out if cfg.resume else cfg.base
     model = common.load_model(start, device, train=True)
-    processor = common.load_processor(start)
+    processor = common.load_processor(start, cfg.max_pixels, cfg.frame_pixels)
     common.prepare_for_training(model, cfg.grad_checkpointing)
     if not cfg.train_vision:
         model.model.visual.requires_grad_(False)

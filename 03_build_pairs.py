@@ -42,10 +42,18 @@ class Config:
     gen_scale: str = "1,5"             # the judge's pointwise scale for generated media
     chunk: int = 16                    # prompts per chunk; output is appended after each chunk
     batch_size: int = 16               # sequences per forward pass
-    max_len: int = 2048                # longest judge prompt in tokens; a longer one is not judged, and counted
+    max_len: int = 0                   # longest example in tokens, never truncated: longer ones are skipped and counted
+                                       # (0: by template, 2,048 for short, 13,000 for paper, the authors' cutoff)
+    max_pixels: int = 0                # pixels a picture is resized down to at most (0: by template: the checkpoint's own
+                                       # for short, 262,144 for paper)
+    frame_pixels: int = 0              # pixels a video frame is resized down to at most (0: by template: the
+                                       # checkpoint's own for short, 16,384 for paper)
     seed: int = 0                      # sampling seed
     resume: bool = False               # continue an interrupted run: skip prompts already in candidates.jsonl
                                        # (without it, a run starts again and empties the outputs)
+
+    def __post_init__(self):   # max_len, max_pixels, frame_pixels left at 0 take the template's limits
+        common.template_limits(self)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,7 +99,7 @@ class Judge:
 
     def __init__(self, cfg, device):
         self.model = common.load_model(cfg.reward, device).eval()
-        self.processor = common.load_processor(cfg.reward)
+        self.processor = common.load_processor(cfg.reward, cfg.max_pixels, cfg.frame_pixels)
         self.cfg, self.device = cfg, device
         self.judgments, self.seconds, self.unparsed, self.too_long = 0, 0.0, 0, 0
 
@@ -236,7 +244,7 @@ def main(cfg: Config) -> dict:
     skips = common.SkipLog(out / "skipped.jsonl", resume=cfg.resume)
     judge = Judge(cfg, device)
     policy = common.load_model(cfg.policy, device).eval()
-    policy_proc = common.load_processor(cfg.policy)
+    policy_proc = common.load_processor(cfg.policy, cfg.max_pixels, cfg.frame_pixels)
 
     # --- understanding: the policy answers, the judge ranks and sifts -----------------------------
     # Each chunk of prompts is sampled from a seed of its own, all of it, even when some of its prompts

@@ -37,9 +37,17 @@ class Config:
     benchmarks: str = ""                   # comma list of vlrewardbench, genai-image, genai-video, videogen,
                                            # each optionally =folder (else the hub); empty = the toy benchmark
     max_new_tokens: int = 24               # longest policy answer
-    max_len: int = 2048                    # longest judge prompt in tokens; longer records are skipped and counted
+    max_len: int = 0                       # longest example in tokens, never truncated: longer ones are skipped and counted
+                                           # (0: by template, 2,048 for short, 13,000 for paper, the authors' cutoff)
+    max_pixels: int = 0                    # pixels a picture is resized down to at most (0: by template: the checkpoint's own
+                                           # for short, 262,144 for paper)
+    frame_pixels: int = 0                  # pixels a video frame is resized down to at most (0: by template: the
+                                           # checkpoint's own for short, 16,384 for paper)
     batch_size: int = 16                   # sequences per forward pass
     seed: int = 0
+
+    def __post_init__(self):   # max_len, max_pixels, frame_pixels left at 0 take the template's limits
+        common.template_limits(self)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,7 +87,7 @@ def normalize(answer: str) -> str:
 
 def evaluate_judge(cfg, device, skips) -> dict:
     model = common.load_model(cfg.reward, device).eval()
-    processor = common.load_processor(cfg.reward)
+    processor = common.load_processor(cfg.reward, cfg.max_pixels, cfg.frame_pixels)
     path = Path(cfg.data_dir) / "reward_test.jsonl"
     records, media = [], []
     for r in common.read_jsonl(path, skips):
@@ -145,7 +153,7 @@ def policy_answers(cfg, device, skips) -> tuple[list[dict], list, dict[str, list
     answers = {}
     for name, ckpt in (("before", cfg.base_policy), ("after", cfg.policy)):
         model = common.load_model(ckpt, device).eval()
-        processor = common.load_processor(ckpt)
+        processor = common.load_processor(ckpt, cfg.max_pixels, cfg.frame_pixels)
         answers[name] = [a[0].strip() for a in common.generate(
             model, processor, [(m, p["question"]) for p, m in zip(prompts, media)], device, cfg.max_new_tokens,
             batch_size=cfg.batch_size)]
@@ -158,7 +166,7 @@ def evaluate_policies(cfg, device, skips) -> dict:
     win rate of after over before where the two answers differ."""
     prompts, media, answers = policy_answers(cfg, device, skips)
     judge = common.load_model(cfg.reward, device).eval()
-    judge_proc = common.load_processor(cfg.reward)
+    judge_proc = common.load_processor(cfg.reward, cfg.max_pixels, cfg.frame_pixels)
     out = {}
     for task in sorted({p["task"] for p in prompts}):
         idx = [i for i, p in enumerate(prompts) if p["task"] == task]
@@ -408,7 +416,7 @@ def main(cfg: Config) -> dict:
     skips = common.SkipLog(out / "skipped.jsonl")
     if cfg.benchmarks:   # the published benchmarks instead of the toy one
         model = common.load_model(cfg.reward, device).eval()
-        processor = common.load_processor(cfg.reward)
+        processor = common.load_processor(cfg.reward, cfg.max_pixels, cfg.frame_pixels)
         results = {}
         for item in cfg.benchmarks.split(","):
             name, _, source = item.partition("=")

@@ -532,9 +532,29 @@ def prepare_for_training(model, grad_checkpointing: bool = False):
     return model.train()
 
 
-def load_processor(name_or_path):
+def load_processor(name_or_path, max_pixels: int = 0, frame_pixels: int = 0):
+    """The checkpoint's processor; max_pixels / frame_pixels > 0 cap the pixels of a picture / of a video
+    frame (larger media are resized down, keeping their aspect ratio), or the checkpoint's own caps stay."""
     from transformers import AutoProcessor
-    return AutoProcessor.from_pretrained(name_or_path)
+    processor = AutoProcessor.from_pretrained(name_or_path)
+    if max_pixels:
+        processor.image_processor.size.longest_edge = max_pixels
+    if frame_pixels:
+        processor.video_processor.size.longest_edge = frame_pixels
+    return processor
+
+
+# The limits a template implies unless a stage's flags say otherwise: (max_len, max_pixels, frame_pixels).
+# The released wording goes with real checkpoints and the authors' settings: a 13,000-token cutoff,
+# 262,144 pixels a picture (512 x 512) and 16,384 a video frame (128 x 128). 0 keeps the checkpoint's caps.
+TEMPLATE_LIMITS = {"short": (2048, 0, 0), "paper": (13000, 262144, 16384)}
+
+
+def template_limits(cfg) -> None:
+    """Fill a Config's max_len, max_pixels and frame_pixels left at 0 with its template's limits."""
+    for field, value in zip(("max_len", "max_pixels", "frame_pixels"), TEMPLATE_LIMITS[cfg.template]):
+        if not getattr(cfg, field):
+            setattr(cfg, field, value)
 
 
 # ---------------------------------------------------------------------------------------------

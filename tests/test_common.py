@@ -267,3 +267,18 @@ def test_training_mode_without_dropout_and_with_checkpointing_computes_the_same(
         (-logps.sum()).backward()
         grads.append([p.grad for p in model.parameters()])
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+
+
+def test_the_paper_template_brings_the_authors_limits_and_the_processor_applies_them(toy):
+    train = stage("02_train_reward")
+    paper, short, mine = train.Config(template="paper"), train.Config(), train.Config(template="paper", max_len=500)
+    assert (paper.max_len, paper.max_pixels, paper.frame_pixels) == (13000, 262144, 16384)
+    assert (short.max_len, short.max_pixels, short.frame_pixels) == (2048, 0, 0) and mine.max_len == 500
+    big = Image.new("RGB", (2048, 1024), (200, 30, 30))
+    clip = common.Video(np.zeros((8, 512, 512, 3), np.uint8), 8.0)
+    processor = common.load_processor(toy / "base", max_pixels=262144, frame_pixels=16384)
+    e = common.encode(processor, [big, clip], "Which?")
+    (_, h, w), (_, vh, vw) = e["image_grid_thw"][0].tolist(), e["video_grid_thw"][0].tolist()
+    patch = processor.image_processor.patch_size
+    assert 0.9 * 262144 < h * w * patch ** 2 <= 262144 and abs(w / h - 2) < 0.1       # shrunk, aspect kept
+    assert vh * vw * patch ** 2 <= 16384
