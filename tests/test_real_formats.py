@@ -280,3 +280,12 @@ def test_empty_benchmarks_say_so_and_empty_metrics_show_na(tmp_path):
     assert "| genai-image | tau | n/a |" in ev.benchmarks_markdown({"genai-image": m})
     assert "| image_generation | n/a | n/a | n/a | 90.0 |" in ev.to_markdown(
         {"judge": {"image_generation": {"pointwise": {"exact": 0.9, "spearman": float("nan")}}}})
+
+
+def test_benchmark_rows_too_long_are_skipped_and_counted(benches, toy, tmp_path):
+    model, processor = common.load_model(toy / "base"), common.load_processor(toy / "base")
+    skips = common.SkipLog(tmp_path / "skipped.jsonl")
+    res = ev.run_benchmark("genai-image", str(benches / "genai_image"), model, processor, ev.Config(max_len=20),
+                           "cpu", skips)
+    assert res["n"] == 0 and res["skipped"] == 5 and math.isnan(res["tau"])      # 4 too long + 1 bad vote
+    assert skips.counts == {"too long": 4, "ValueError": 1}
