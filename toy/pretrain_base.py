@@ -49,7 +49,6 @@ class Config:
     quality_lr: float = 5e-4         # its peak learning rate
     quality_defects: float = 0.5     # its share of noisy or blurry media (the first phase: 0.3)
     quality_qa_share: float = 0.01   # its share of the policy's questions (0.03 left nothing for DPO, 0 forgot them)
-    quality_compare: float = 0.0     # its share of two-media examples that ask which one fits a caption
     probe_n: int = 240               # scenes the finished base is probed on (toy/probe.py)
 
 
@@ -66,7 +65,7 @@ CORPUS_WORLD = dict(train_per_group=1000, test_per_group=150, policy_train=200, 
 # the pretraining mix
 
 def base_example(rng, qa_share: float, verify_share: float, multi_share: float, defect_share: float,
-                 strength=world.DEFECT_STRENGTH, compare: float = 0.0):
+                 strength=world.DEFECT_STRENGTH):
     """One pretraining example: (medium kind, [pixels per medium], question, answer, [words each shows]).
     Three kinds, as a generic VLM is trained on: descriptions (naming quality defects too, "..., noisy"),
     the two-attribute questions the policy will face, and yes/no checks, half of one attribute ("Is the
@@ -76,7 +75,7 @@ def base_example(rng, qa_share: float, verify_share: float, multi_share: float, 
     stalled. A `multi_share` of the examples shows two pictures or two clips (multi_example)."""
     medium = "image" if rng.random() < 0.5 else "video"
     if rng.random() < multi_share:
-        return multi_example(medium, rng, defect_share, strength, compare)
+        return multi_example(medium, rng, defect_share, strength)
     scene = world.sample_scene(medium, rng)
     defect = str(rng.choice(world.DEFECTS)) if rng.random() < defect_share else None
     pixels = world.render(medium, scene, defect, rng, strength)
@@ -96,33 +95,23 @@ def base_example(rng, qa_share: float, verify_share: float, multi_share: float, 
     return medium, [pixels], world.DESCRIBE[medium], world.described(medium, scene, defect), [shown]
 
 
-def multi_example(medium: str, rng, defect_share: float, strength=world.DEFECT_STRENGTH, compare: float = 0.0):
+def multi_example(medium: str, rng, defect_share: float, strength=world.DEFECT_STRENGTH):
     """Two pictures (or clips) of similar scenes, one of them addressed by its label: "Describe Picture 2."
     or "Is Video 1 a red square moving left?". Real VLMs are pretrained on multi-image data; a pairwise
     judge needs exactly this, to check each of two candidates against one caption. The second scene
     differs from the first in each captioned attribute with probability 1/2, so the answer depends on
-    which medium is addressed. A `compare` share asks instead which of the two fits a caption that only
-    one of them fits ("Which video shows a red square moving left?" -> "Video 2"): the comparison a
-    pairwise judge makes."""
+    which medium is addressed."""
     attrs = world.CAPTION_ATTRS[medium]
-    comparing = bool(compare) and rng.random() < compare     # no draw at all when compare is 0
     first = world.sample_scene(medium, rng)
-    miss = ([[True, False], [False, True], [True, True]][int(rng.integers(3))] if comparing
-            else [bool(rng.random() < 0.5) for _ in attrs])
-    scenes = [first, world.perturb(first, attrs, miss, medium, rng)]
+    scenes = [first, world.perturb(first, attrs, [bool(rng.random() < 0.5) for _ in attrs], medium, rng)]
     scenes[1]["size"] = str(rng.choice(list(world.attrs_of(medium)["size"])))
-    flip = int(rng.integers(2)) == 1 if comparing else rng.random() < 0.5
-    if flip:
+    if rng.random() < 0.5:
         scenes.reverse()
     defects = [str(rng.choice(world.DEFECTS)) if rng.random() < defect_share else None for _ in scenes]
     pixels = [world.render(medium, sc, d, rng, strength) for sc, d in zip(scenes, defects)]
     shown = [" ".join(sc.values()) + (f" {world.DEFECT_WORDS[d]}" if d else "") for sc, d in zip(scenes, defects)]
-    word = "Picture" if medium == "image" else "Video"
-    if comparing:
-        return medium, pixels, f"Which {word.lower()} shows {world.caption(medium, first)}?", \
-            f"{word} {2 if flip else 1}", shown
     k = int(rng.integers(2))
-    label = f"{word} {k + 1}"
+    label = f"{'Picture' if medium == 'image' else 'Video'} {k + 1}"
     if rng.random() < 0.5:
         return medium, pixels, f"Describe {label}.", world.described(medium, scenes[k], defects[k]), shown
     return medium, pixels, *caption_check(medium, scenes[k], rng, label), shown
@@ -224,19 +213,18 @@ def pretrain(cfg: Config, corpus: list[str]):
     visual = VisualTokens(model)
     pad = processor.tokenizer.pad_token_id
     t0 = time.time()
-    # (name, steps, peak lr, warmup, share of policy questions, share of defective media, defect strength, stream,
-    #  share of two-media examples that compare)
-    phases = [("base", cfg.base_steps, cfg.base_lr, 100, cfg.qa_share, 0.3, FIRST_PHASE_DEFECTS, [cfg.seed, 7], 0.0),
+    # (name, steps, peak lr, warmup, share of policy questions, share of defective media, defect strength, stream)
+    phases = [("base", cfg.base_steps, cfg.base_lr, 100, cfg.qa_share, 0.3, FIRST_PHASE_DEFECTS, [cfg.seed, 7]),
               ("quality", cfg.quality_steps, cfg.quality_lr, 50, cfg.quality_qa_share, cfg.quality_defects,
-               world.DEFECT_STRENGTH, [cfg.seed, 77], cfg.quality_compare)]
-    for name, steps, peak, warmup, qa_share, defects, strength, stream, compare in phases:
+               world.DEFECT_STRENGTH, [cfg.seed, 77])]
+    for name, steps, peak, warmup, qa_share, defects, strength, stream in phases:
         optimizer = torch.optim.AdamW(model.parameters(), lr=peak, weight_decay=0.0, foreach=True)
         rng = np.random.default_rng(stream)
         model.train()
         for step in range(steps):
             for group in optimizer.param_groups:
                 group["lr"] = common.lr_at(step, steps, peak, warmup)
-            examples = [base_example(rng, qa_share, cfg.verify_share, cfg.multi_share, defects, strength, compare)
+            examples = [base_example(rng, qa_share, cfg.verify_share, cfg.multi_share, defects, strength)
                         for _ in range(cfg.batch)]
             encoded = common.encode_many(processor, [([world.as_media(m, px) for px in pixels], q, a)
                                                      for m, pixels, q, a, _ in examples])
