@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny toy world drawn once per test session in a temp folder, and the shipped tiny
+"""Shared fixtures: a tiny toy world drawn once per test run in a temp folder, and the shipped tiny
 Qwen2.5-VL (toy/base). Everything is sized for seconds on a 2-core CPU: a handful of records per task
 and kind (tests check mechanics, not accuracy)."""
 import importlib

@@ -2,7 +2,7 @@
 
 02 reports one accuracy per task and kind. To see *what* a judge has not learned yet, this tool draws
 fresh toy examples together with their ground truth (01's `judge_example`, from a stream of its own;
-pixels go to a scratch folder), judges them exactly as 02 does, and groups the results:
+pixels go to a temporary folder), judges them exactly as 02 does, and groups the results:
 
   generation pairs     by what separates the two candidates: the attributes that one of them gets
                        right and the other wrong ("colour", "position", "colour+position"), or only
@@ -19,7 +19,7 @@ Last, clip directions: for fresh clips it scores the four answers "left/right/up
 scores highest and how often each gets full marks (the mistake behind 03's wrong clip-question pairs).
 
     python tools/judge_breakdown.py                              # runs/toy/reward, 150 per format
-    python tools/judge_breakdown.py --model runs/toy/base --n 40
+    python tools/judge_breakdown.py --model toy/base --n 40
 """
 import argparse
 import collections

@@ -13,7 +13,7 @@ fixed, this tool answers the same held-out questions with both policies, exactly
 beside the number of 03's kept pairs whose prompt is that question. DPO can only fix the mistakes that
 its pairs show, so a form with many mistakes and few pairs is where it gains little.
 
-    python tools/policy_errors.py                                # runs/toy/base vs runs/toy/policy
+    python tools/policy_errors.py                                # toy/base vs runs/toy/policy
     python tools/policy_errors.py --after runs/x/policy --pairs runs/x/pairs/pairs.jsonl
 """
 import argparse
@@ -58,7 +58,7 @@ def table(prompts: list[dict], answers: dict[str, list[str]], pairs_per_question
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-dir", default="runs/toy/data", help="01's folder with prompts_test.jsonl")
-    ap.add_argument("--before", default="runs/toy/base", help="the policy before DPO")
+    ap.add_argument("--before", default="toy/base", help="the policy before DPO")
     ap.add_argument("--after", default="runs/toy/policy", help="the policy after DPO")
     ap.add_argument("--pairs", default="runs/toy/pairs/pairs.jsonl", help="03's pairs ('' = none)")
     args = ap.parse_args()
