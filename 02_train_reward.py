@@ -43,8 +43,9 @@ class Config:
     bt_weight: float = 0.0            # weight of an extra Bradley-Terry term on pairwise verdicts (0 = off)
     train_vision: bool = False        # also fine-tune the vision tower. Frozen (LLaMA-Factory's default too), steps are
                                       # 20% cheaper and the toy judge learns more per step
-    cache: bool = True                # keep every encoded example in memory after its first use (with the tower
-                                      # frozen, its output, not the pixels: 1.2 GB peak on the toy); off for large sets
+    cache_gb: float = 8.0             # keep every encoded example in memory after its first use while the whole set is
+                                      # projected to fit in this many GB (with the tower frozen, its output, not the
+                                      # pixels: about 0.09 GB for the toy); 0 = encode at every draw
     max_len: int = 0                  # longest example in tokens, never truncated: longer ones are skipped and counted
                                       # (0: by template, 2,048 for short, 13,000 for paper, the authors' cutoff)
     max_pixels: int = 0               # pixels a picture is resized down to at most (0: by template: the checkpoint's own
@@ -163,6 +164,8 @@ class Batches:
         self.rng = random.Random(seed)
         self.order, self.pos, self.bad = [], 0, set()
         self.cache: dict[int, tuple] = {}   # record index -> (encoded example, decisive position)
+        self.caching = cfg.cache_gb > 0     # decided for good once 64 examples show their size (fits_in_memory)
+        self.projected_gb = None
 
     def state(self) -> dict:
         return {"rng": self.rng.getstate(), "order": self.order, "pos": self.pos, "bad": sorted(self.bad)}
@@ -188,7 +191,7 @@ class Batches:
 
     def _encoded(self, keys: list[int]) -> dict:
         """{i: (encoded example, decisive (position, right token, wrong token) or None)} for record i.
-        Reading and processing media is most of a first epoch's cost, so with `cache` it happens once per
+        Reading and processing media is most of a first epoch's cost, so with the cache it happens once per
         record, and a batch's new examples share one processor call (2.9 -> 1.2 ms per toy example). A
         record whose media cannot be read, or which does not fit max_len, is left out and skipped."""
         out = {k: self.cache[k] for k in keys if k in self.cache}
@@ -219,9 +222,22 @@ class Batches:
             d = decisive_tokens(self.processor.tokenizer, r)
             prompt_len = int((~e["answer_mask"]).sum())
             out[k] = (e, None if d is None else (prompt_len + d[0], d[1], d[2]))
-            if self.cfg.cache:
+            if self.caching:
                 self.cache[k] = out[k]
         return out
+
+    def fits_in_memory(self) -> None:
+        """Project the cache's size for the whole set from the examples cached so far; past cache_gb, stop
+        caching (a real data set of 236k examples does not fit) and say so."""
+        per = sum(t.nbytes for e, _ in self.cache.values() for t in e.values()) / len(self.cache)
+        self.projected_gb = per * len(self.records) / 2**30
+        if self.projected_gb > self.cfg.cache_gb:
+            self.caching = False
+            self.cache.clear()
+            print(f"cache off: {len(self.records)} encoded examples would take {self.projected_gb:.1f} GB "
+                  f"(> --cache-gb {self.cfg.cache_gb:g}); each is encoded when drawn")
+        else:
+            print(f"cache on: {len(self.records)} encoded examples take about {self.projected_gb:.2f} GB")
 
     def next(self):
         """-> (collated batch, kinds (B,), decisive (B,))"""
@@ -235,6 +251,8 @@ class Batches:
         encs = [e for _, (e, _) in picks]
         if self.frozen is not None:
             frozen_tower_features(self.frozen, encs, self.device)
+        if self.caching and self.projected_gb is None and len(self.cache) >= 64:
+            self.fits_in_memory()
         return (common.collate(encs, self.processor.tokenizer.pad_token_id),
                 [self.records[i]["kind"] for i, _ in picks], [d for _, (_, d) in picks])
 

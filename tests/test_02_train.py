@@ -173,7 +173,7 @@ def test_cached_batches_equal_fresh_ones(toy, tmp_path):
     processor = common.load_processor(toy / "base")
     skips = common.SkipLog(tmp_path / "skipped.jsonl")
     cached = train.Batches(recs, processor, config(toy, tmp_path, data, batch_size=4), skips, seed=0)
-    fresh = train.Batches(recs, processor, config(toy, tmp_path, data, batch_size=4, cache=False), skips, seed=0)
+    fresh = train.Batches(recs, processor, config(toy, tmp_path, data, batch_size=4, cache_gb=0), skips, seed=0)
     for _ in range(4):                            # 16 draws from 6 records: later batches come from the cache
         (a, ka, da), (b, kb, db) = cached.next(), fresh.next()
         assert ka == kb and da == db and a.keys() == b.keys()
@@ -220,3 +220,18 @@ def test_frozen_vision_tower_stays_put(toy, tmp_path):
     vision = [k for k in before if k.startswith("model.visual.")]
     assert vision and all(torch.equal(before[k], after[k]) for k in vision)
     assert not all(torch.equal(before[k], after[k]) for k in before if k not in vision)
+
+
+def test_the_cache_turns_itself_off_when_the_set_would_not_fit(toy, tmp_path, capsys):
+    recs = common.read_jsonl(toy / "data" / "reward_train.jsonl") * 3          # 96 records, 64 decide
+    data = small_data(toy, tmp_path, recs)
+    processor = common.load_processor(toy / "base")
+    skips = common.SkipLog(tmp_path / "skipped.jsonl")
+    small = train.Batches(recs, processor, config(toy, tmp_path, data, batch_size=8, cache_gb=1e-6), skips, seed=0)
+    roomy = train.Batches(recs, processor, config(toy, tmp_path, data, batch_size=8), skips, seed=0)
+    for _ in range(10):
+        (a, ka, da), (b, kb, db) = small.next(), roomy.next()
+        assert ka == kb and da == db and all(torch.equal(a[k], b[k]) for k in a)   # the same batches either way
+    assert not small.caching and not small.cache and small.projected_gb > 1e-6
+    assert roomy.caching and len(roomy.cache) == 80 and roomy.projected_gb < 8
+    assert "cache off: 96 encoded examples would take" in capsys.readouterr().out
