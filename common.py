@@ -118,9 +118,6 @@ def require(path, flag: str, made_by: str, hub_ok: bool = True) -> None:
     text = str(path)
     if Path(text).exists():
         return
-    if not Path(text).is_absolute() and (ROOT / text).exists() and Path.cwd() != ROOT:
-        raise SystemExit(f"{text} not found in {Path.cwd()}: the default paths are relative to the repository "
-                         f"({ROOT}); run the stages from there, or pass {flag} with an absolute path")
     if hub_ok and re.fullmatch(r"[\w.-]+/[\w.-]+", text) and not text.startswith(("runs/", "toy/", ".")):
         return
     raise SystemExit(f"{text} not found: run {made_by} first, or pass {flag}")
@@ -518,10 +515,7 @@ def prepare_for_training(model, grad_checkpointing: bool = False):
     on only in train mode, and DPO needs the policy's log-probs computed exactly as the reference's were.
     Checkpointing keeps only each decoder layer's input and recomputes the rest in the backward pass:
     activations shrink from all layers' to one layer's, for about a third more compute."""
-    for config in (model.config, getattr(model.config, "text_config", None), getattr(model.config, "vision_config", None)):
-        if config is not None and hasattr(config, "attention_dropout"):
-            config.attention_dropout = 0.0
-    for module in model.modules():
+    for module in model.modules():   # attention layers read their own attention_dropout at every forward
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
         if hasattr(module, "attention_dropout"):

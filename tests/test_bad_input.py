@@ -220,6 +220,21 @@ def test_an_unreadable_medium_is_logged_once_over_many_evaluations(toy, tmp_path
     assert [l["id"] for l in lines].count("broken") == 1
 
 
+def killed_at_call(monkeypatch, module, name: str, call: int, run) -> None:
+    """Run `run` with module.name raising KeyboardInterrupt at its `call`-th call, as a kill would."""
+    real, calls = getattr(module, name), {"n": 0}
+
+    def dies(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(module, name, dies)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    monkeypatch.setattr(module, name, real)
+
+
 def test_dpo_killed_and_resumed_ends_as_an_uninterrupted_run(toy, tmp_path, monkeypatch):
     import torch
     rows = common.read_jsonl(toy / "data" / "prompts_train.jsonl")[:4]
@@ -230,17 +245,8 @@ def test_dpo_killed_and_resumed_ends_as_an_uninterrupted_run(toy, tmp_path, monk
                                                  policy=str(toy / "base"), out_dir=str(out), epochs=3, batch_size=4,
                                                  lr=1e-3, warmup=1, holdout=0.2), **kw})
     dpo.main(cfg(tmp_path / "straight"))
-    real, calls = dpo.dpo_loss, {"n": 0}
-
-    def dies(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 6:          # in epoch 3, after epoch 2's checkpoint (2 steps an epoch, evaluations too)
-            raise KeyboardInterrupt
-        return real(*a, **k)
-    monkeypatch.setattr(dpo, "dpo_loss", dies)
-    with pytest.raises(KeyboardInterrupt):
-        dpo.main(cfg(tmp_path / "cut"))
-    monkeypatch.setattr(dpo, "dpo_loss", real)
+    # killed in epoch 3, after epoch 2's checkpoint (2 steps an epoch, evaluations call the loss too)
+    killed_at_call(monkeypatch, dpo, "dpo_loss", 6, lambda: dpo.main(cfg(tmp_path / "cut")))
     assert torch.load(tmp_path / "cut" / "train_state.pt", weights_only=True)["step"] in (2, 4)
     dpo.main(cfg(tmp_path / "cut", resume=True))
     a, b = (common.load_model(tmp_path / d).state_dict() for d in ("straight", "cut"))
@@ -252,17 +258,8 @@ def test_pairs_killed_and_resumed_end_as_an_uninterrupted_run(toy, tmp_path, mon
                                                          reward=str(toy / "base"), out_dir=str(out), n_samples=4,
                                                          max_new_tokens=8, chunk=3), **kw})
     pairs_stage.main(cfg(tmp_path / "straight"))
-    real, calls = pairs_stage.judge_prompt, {"n": 0}
-
-    def dies(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 5:          # inside the second chunk of questions
-            raise KeyboardInterrupt
-        return real(*a, **k)
-    monkeypatch.setattr(pairs_stage, "judge_prompt", dies)
-    with pytest.raises(KeyboardInterrupt):
-        pairs_stage.main(cfg(tmp_path / "cut"))
-    monkeypatch.setattr(pairs_stage, "judge_prompt", real)
+    killed_at_call(monkeypatch, pairs_stage, "judge_prompt", 5,     # inside the second chunk of questions
+                   lambda: pairs_stage.main(cfg(tmp_path / "cut")))
     with open(tmp_path / "cut" / "candidates.jsonl", "a") as f:
         f.write('{"id": "torn", "task"')                          # a line cut off mid-write
     pairs_stage.main(cfg(tmp_path / "cut", resume=True))
