@@ -126,33 +126,6 @@ def load_records(cfg, split: str, skips: common.SkipLog) -> list[dict]:
     return records
 
 
-@torch.no_grad()
-def frozen_tower_features(model, encs: list[dict], device) -> None:
-    """Replace each example's pixels by the frozen vision tower's output, in place.
-
-    pixel_values (patches, C*T*P*P) -> image_embeds (tokens, H), one row per <|image_pad|> token;
-    likewise pixel_values_videos -> video_embeds. A frozen tower maps the same pixels to the same
-    tokens at every step, so with the cache it runs once per example instead of once per draw
-    (one run of it was 16% of a toy step). Run per batch, as the forward would: the tokens are
-    bit-identical to the forward's own (tested), so training is unchanged."""
-    todo = list({id(e): e for e in encs if "pixel_values" in e or "pixel_values_videos" in e}.values())
-    for medium, pixels, grid in (("image", "pixel_values", "image_grid_thw"),
-                                 ("video", "pixel_values_videos", "video_grid_thw")):
-        has = [e for e in todo if pixels in e]
-        if not has:
-            continue
-        tower = model.model.get_image_features if medium == "image" else model.model.get_video_features
-        with common.autocast(device):
-            out = tower(torch.cat([e[pixels] for e in has]).to(device),
-                        torch.cat([e[grid] for e in has]).to(device)).pooler_output   # (tokens, H) per medium
-        k = 0
-        for e in has:
-            n = len(e[grid])
-            e[f"{medium}_embeds"] = torch.cat(out[k:k + n]).cpu()
-            del e[pixels]
-            k += n
-
-
 class Batches:
     """Endless shuffled micro-batches of encoded examples. An example whose media cannot be read or
     which does not fit max_len is skipped and logged once, and never drawn again. Given the model
@@ -250,7 +223,7 @@ class Batches:
             picks += [(k, got[k]) for k in draws if k in got]
         encs = [e for _, (e, _) in picks]
         if self.frozen is not None:
-            frozen_tower_features(self.frozen, encs, self.device)
+            common.visual_tokens(self.frozen, encs, self.device)
         if self.caching and self.projected_gb is None and len(self.cache) >= 64:
             self.fits_in_memory()
         return (common.collate(encs, self.processor.tokenizer.pad_token_id),

@@ -146,29 +146,40 @@ def scale(text: str) -> list[int]:
     return [lo, hi]
 
 
-def judge_prompt(judge, task, prompt, media, answers, cfg):
-    """Rank and sift the candidates of one prompt. answers: understanding responses (media shared),
-    or None for generation (media are the candidates). Returns rank_and_sift's output, the pairwise
-    verdicts, and the written and expected scores."""
-    n = len(answers) if answers is not None else len(media)
-    pair_recs, pair_media = [], []
-    for i in range(0, n - 1, 2):
-        if answers is not None:
-            pair_recs.append({"task": task, "kind": "pairwise", "prompt": prompt, "responses": [answers[i], answers[i + 1]]})
-            pair_media.append(media)
-        else:
-            pair_recs.append({"task": task, "kind": "pairwise", "prompt": prompt, "responses": []})
-            pair_media.append([media[i], media[i + 1]])
-    wins = judge.pairs(pair_recs, pair_media)
-    sc = scale(cfg.gen_scale if answers is None else cfg.und_scale)
-    point_recs = [{"task": task, "kind": "pointwise", "prompt": prompt, "scale": sc,
-                   "responses": [answers[i]] if answers is not None else []} for i in range(n)]
-    point_media = [media if answers is not None else [media[i]] for i in range(n)]
-    scores = judge.scores(point_recs, point_media)
-    result = rank_and_sift(n, lambda i, j: wins[i // 2], lambda i: scores[i])
-    written = [None if s is None else s[0] for s in scores]
-    expected = [None if s is None else round(s[1], 4) for s in scores]
-    return result, wins, written, expected
+def judge_prompts(judge, items, cfg) -> list[tuple]:
+    """Rank and sift the candidates of several prompts, judged together: every pairwise sequence of
+    every prompt in one call, then every pointwise one, so the forward passes are full batches and a
+    medium shown by several sequences is encoded by the tower once.
+
+    items: (task, prompt, media, answers) with answers the understanding responses (media shared) or
+    None for generation (media are the candidates). Returns per item rank_and_sift's output, the
+    pairwise verdicts, and the written and expected scores."""
+    pair_recs, pair_media, point_recs, point_media, sizes = [], [], [], [], []
+    for task, prompt, media, answers in items:
+        n = len(answers) if answers is not None else len(media)
+        sizes.append(n)
+        for i in range(0, n - 1, 2):
+            if answers is not None:
+                pair_recs.append({"task": task, "kind": "pairwise", "prompt": prompt,
+                                  "responses": [answers[i], answers[i + 1]]})
+                pair_media.append(media)
+            else:
+                pair_recs.append({"task": task, "kind": "pairwise", "prompt": prompt, "responses": []})
+                pair_media.append([media[i], media[i + 1]])
+        sc = scale(cfg.gen_scale if answers is None else cfg.und_scale)
+        point_recs += [{"task": task, "kind": "pointwise", "prompt": prompt, "scale": sc,
+                        "responses": [answers[i]] if answers is not None else []} for i in range(n)]
+        point_media += [media if answers is not None else [media[i]] for i in range(n)]
+    all_wins, all_scores = judge.pairs(pair_recs, pair_media), judge.scores(point_recs, point_media)
+    out, w, s = [], 0, 0
+    for n in sizes:
+        wins, scores = all_wins[w:w + n // 2], all_scores[s:s + n]
+        w, s = w + n // 2, s + n
+        result = rank_and_sift(n, lambda i, j: wins[i // 2], lambda i: scores[i])
+        written = [None if x is None else x[0] for x in scores]
+        expected = [None if x is None else round(x[1], 4) for x in scores]
+        out.append((result, wins, written, expected))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,11 +275,10 @@ def main(cfg: Config) -> dict:
         torch.manual_seed(cfg.seed * 1_000_003 + c)
         samples = common.generate(policy, policy_proc, [(m, p["question"]) for p, m in zip(chunk, media)], device,
                                   cfg.max_new_tokens, cfg.temperature, cfg.n_samples, cfg.batch_size)
-        for p, m, answers in zip(chunk, media, samples):
-            if p["id"] in done:
-                continue
-            answers = [a.strip() for a in answers]
-            (ch, rj, cl, rl), wins, scores, expected = judge_prompt(judge, p["task"], p["question"], m, answers, cfg)
+        todo = [(p, m, [a.strip() for a in answers]) for p, m, answers in zip(chunk, media, samples)
+                if p["id"] not in done]
+        judged = judge_prompts(judge, [(p["task"], p["question"], m, answers) for p, m, answers in todo], cfg)
+        for (p, m, answers), ((ch, rj, cl, rl), wins, scores, expected) in zip(todo, judged):
             truth = [n_right(a, p) for a in answers]
             if ch is not None:
                 common.append_jsonl(out / "pairs.jsonl", {
@@ -284,26 +294,29 @@ def main(cfg: Config) -> dict:
     # --- generation: candidates from a generator, the judge ranks and sifts -------------------------
     gen_path = data / "gen_candidates.jsonl"
     gen_rows = [g for g in common.read_jsonl(gen_path, skips) if g["id"] not in done] if gen_path.exists() else []
-    for g in gen_rows:
-        if len(g.get("media", [])) < 2:
-            skips.add(gen_path, g.get("id"), f"fewer than two candidates ({len(g.get('media', []))})")
-            continue
-        try:
-            media = common.load_media(g["media"], data)
-        except common.MediaError as e:
-            skips.add(gen_path, g["id"], f"unreadable candidate: {e}")
-            continue
-        (ch, rj, cl, rl), wins, scores, expected = judge_prompt(judge, g["task"], g["prompt"], media, None, cfg)
-        truth = g.get("truth")
-        if ch is not None:
-            key = "jpg" if g["task"] == "image_generation" else "mp4"
-            common.append_jsonl(out / "gen_pairs.jsonl", {
-                "id": g["id"], "task": g["task"], "caption": g["prompt"], f"{key}_0": g["media"][ch],
-                f"{key}_1": g["media"][rj], "label_0": 1, "chosen_score": scores[ch], "rejected_score": scores[rj],
-                "truly_better": None if truth is None else truth[ch] > truth[rj]})
-        common.append_jsonl(cand_path, {"id": g["id"], "task": g["task"], "samples": g["media"],
-                                        "pair_first_wins": wins, "scores": scores, "expected": expected,
-                                        "truth_score": truth, "chosen": ch, "rejected": rj})
+    for c in range(0, len(gen_rows), cfg.chunk):
+        chunk, media = [], []
+        for g in gen_rows[c:c + cfg.chunk]:
+            if len(g.get("media", [])) < 2:
+                skips.add(gen_path, g.get("id"), f"fewer than two candidates ({len(g.get('media', []))})")
+                continue
+            try:
+                media.append(common.load_media(g["media"], data))
+                chunk.append(g)
+            except common.MediaError as e:
+                skips.add(gen_path, g["id"], f"unreadable candidate: {e}")
+        judged = judge_prompts(judge, [(g["task"], g["prompt"], m, None) for g, m in zip(chunk, media)], cfg)
+        for g, ((ch, rj, cl, rl), wins, scores, expected) in zip(chunk, judged):
+            truth = g.get("truth")
+            if ch is not None:
+                key = "jpg" if g["task"] == "image_generation" else "mp4"
+                common.append_jsonl(out / "gen_pairs.jsonl", {
+                    "id": g["id"], "task": g["task"], "caption": g["prompt"], f"{key}_0": g["media"][ch],
+                    f"{key}_1": g["media"][rj], "label_0": 1, "chosen_score": scores[ch], "rejected_score": scores[rj],
+                    "truly_better": None if truth is None else truth[ch] > truth[rj]})
+            common.append_jsonl(cand_path, {"id": g["id"], "task": g["task"], "samples": g["media"],
+                                            "pair_first_wins": wins, "scores": scores, "expected": expected,
+                                            "truth_score": truth, "chosen": ch, "rejected": rj})
 
     report = summarize(cfg, out, judge, skips)
     common.write_jsonl(out / "report.jsonl", [report])

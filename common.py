@@ -662,6 +662,41 @@ def model_inputs(batch: dict) -> dict:
     return inputs
 
 
+@torch.no_grad()
+def visual_tokens(model, encs: list[dict], device) -> None:
+    """Replace each example's pixels by the vision tower's output, in place, running the tower once
+    per distinct medium.
+
+    pixel_values (patches, C*T*P*P) -> image_embeds (tokens, H), one row per <|image_pad|> token;
+    likewise pixel_values_videos -> video_embeds. The tower sees each medium on its own (its attention
+    never crosses media), so a medium shown by several sequences needs its tokens once: 03 judges each
+    understanding prompt's picture in 20 sequences, and each generated candidate in three. In 02, whose
+    tower is frozen, the cache then keeps tokens instead of pixels. The tokens equal the forward's own
+    (tested), so results do not change."""
+    for medium, pixels, grid in (("image", "pixel_values", "image_grid_thw"),
+                                 ("video", "pixel_values_videos", "video_grid_thw")):
+        has = list({id(e): e for e in encs if pixels in e}.values())
+        if not has:
+            continue
+        parts, index, unique = [], {}, []          # each example's media, as indices into `unique`
+        for e in has:
+            mine = []
+            for rows, g in zip(torch.split(e[pixels], e[grid].prod(-1).tolist()), e[grid]):
+                key = (tuple(g.tolist()), rows.numpy().tobytes())    # equal pixels, equal tokens
+                if key not in index:
+                    index[key] = len(unique)
+                    unique.append((rows, g))
+                mine.append(index[key])
+            parts.append(mine)
+        tower = model.model.get_image_features if medium == "image" else model.model.get_video_features
+        with autocast(device):
+            out = tower(torch.cat([r for r, _ in unique]).to(device),
+                        torch.stack([g for _, g in unique]).to(device)).pooler_output  # (tokens, H) per medium
+        for e, mine in zip(has, parts):
+            e[f"{medium}_embeds"] = torch.cat([out[k] for k in mine]).cpu()
+            del e[pixels]
+
+
 # ---------------------------------------------------------------------------------------------
 # log-probabilities
 
@@ -763,6 +798,7 @@ def answer_probs(model, processor, prompts, answers: list[str], device, batch_si
         if not encs:
             out.append(rows_out)
             continue
+        visual_tokens(model, encs, device)          # a medium shown by several prompts: its tokens once
         for e in encs:
             e["prompt_len"] = len(e["input_ids"])
             e["input_ids"] = torch.cat([e["input_ids"], path])
@@ -847,20 +883,56 @@ def judge_pointwise(model, processor, records, media, device, template="short", 
 @torch.no_grad()
 def generate(model, processor, prompts, device, max_new_tokens=32, temperature=0.0, n=1,
              batch_size=16) -> list[list[str]]:
-    """Free-text answers for (media, question) prompts: n samples each (greedy when temperature=0).
-    Prompts are left-padded so every row's new tokens start right after its prompt."""
+    """n free-text answers for each (media, question) prompt, decoded token by token with a KV cache.
+
+    Each prompt is encoded once: one processor call, one vision-tower run and one prefill per batch of
+    `batch_size` prompts. The prefill's cache is then copied n times along the batch, so the n samples
+    share everything up to the first new token (03 draws N=10 answers per prompt: re-encoding the prompt
+    for each would run the processor, the tower and the prefill ten times). Greedy when temperature is 0,
+    else plain temperature sampling from softmax(logits / T) (the paper samples at 0.7; no top-k / top-p).
+    Prompts are left-padded so every row's new tokens follow its prompt directly. A row stops at the
+    checkpoint's end-of-turn token. Returns per prompt a list of n strings.
+    """
     tok = processor.tokenizer
-    rows = [p for p in prompts for _ in range(n)]
+    eos = model.generation_config.eos_token_id
+    stop = torch.tensor(eos if isinstance(eos, list) else [eos], device=device)
     texts = []
-    for i in range(0, len(rows), batch_size):
-        encs = encode_many(processor, [(m, q, None) for m, q in rows[i:i + batch_size]])
+    for i in range(0, len(prompts), batch_size):
+        encs = encode_many(processor, [(m, q, None) for m, q in prompts[i:i + batch_size]])
+        visual_tokens(model, encs, device)
         batch = to_device(collate(encs, tok.pad_token_id, side="left"), device)
+        mask = batch["attention_mask"]
+        # M-RoPE positions of the prompt (3, B, L): media tokens get (time, row, column), text one step
+        # each. Every new token is a text token one past the prompt's largest position.
+        positions, _ = model.model.get_rope_index(batch["input_ids"], batch["mm_token_type_ids"],
+                                                  batch.get("image_grid_thw"), batch.get("video_grid_thw"),
+                                                  batch.get("second_per_grid_ts"), attention_mask=mask)
         with autocast(device):
-            out = model.generate(**model_inputs(batch), max_new_tokens=max_new_tokens,
-                                 do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
-                                 top_p=None, top_k=None, pad_token_id=tok.pad_token_id)
-        new = out[:, batch["input_ids"].shape[1]:]
-        texts += tok.batch_decode(new, skip_special_tokens=True)
+            out = model.model(**model_inputs(batch), position_ids=positions, use_cache=True)
+        cache = out.cache
+        cache.batch_repeat_interleave(n)                               # (B*n, heads, L, d) per layer
+        logits = model.lm_head(out.last_hidden_state[:, -1]).float().repeat_interleave(n, 0)   # (B*n, V)
+        mask = mask.repeat_interleave(n, 0)
+        next_pos = (positions.amax((0, 2)) + 1).repeat_interleave(n, 0)                         # (B*n,)
+        done = torch.zeros(len(logits), dtype=torch.bool, device=device)
+        new = []
+        for step in range(max_new_tokens):
+            if temperature > 0:
+                token = torch.multinomial((logits / temperature).softmax(-1), 1)[:, 0]
+            else:
+                token = logits.argmax(-1)
+            token = token.masked_fill(done, tok.pad_token_id)         # finished rows only pad
+            new.append(token)
+            done |= torch.isin(token, stop)
+            if done.all() or step == max_new_tokens - 1:
+                break
+            mask = F.pad(mask, (0, 1), value=1)
+            with autocast(device):
+                h = model.model(input_ids=token[:, None], attention_mask=mask, cache=cache, use_cache=True,
+                                position_ids=next_pos.view(1, -1, 1).expand(3, -1, 1)).last_hidden_state
+            logits = model.lm_head(h[:, -1]).float()
+            next_pos = next_pos + 1
+        texts += tok.batch_decode(torch.stack(new, 1), skip_special_tokens=True)
     return [texts[j * n:(j + 1) * n] for j in range(len(prompts))]
 
 

@@ -258,8 +258,10 @@ def test_pairs_killed_and_resumed_end_as_an_uninterrupted_run(toy, tmp_path, mon
                                                          reward=str(toy / "base"), out_dir=str(out), n_samples=4,
                                                          max_new_tokens=8, chunk=3), **kw})
     pairs_stage.main(cfg(tmp_path / "straight"))
-    killed_at_call(monkeypatch, pairs_stage, "judge_prompt", 5,     # inside the second chunk of questions
-                   lambda: pairs_stage.main(cfg(tmp_path / "cut")))
+    # killed while the second chunk of questions is being written out (this judge keeps no question's
+    # pair, so each prompt appends one line)
+    killed_at_call(monkeypatch, common, "append_jsonl", 5, lambda: pairs_stage.main(cfg(tmp_path / "cut")))
+    assert 3 < len((tmp_path / "cut" / "candidates.jsonl").read_text().splitlines()) < 6
     with open(tmp_path / "cut" / "candidates.jsonl", "a") as f:
         f.write('{"id": "torn", "task"')                          # a line cut off mid-write
     pairs_stage.main(cfg(tmp_path / "cut", resume=True))

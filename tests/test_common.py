@@ -282,3 +282,49 @@ def test_the_paper_template_brings_the_authors_limits_and_the_processor_applies_
     patch = processor.image_processor.patch_size
     assert 0.9 * 262144 < h * w * patch ** 2 <= 262144 and abs(w / h - 2) < 0.1       # shrunk, aspect kept
     assert vh * vw * patch ** 2 <= 16384
+
+
+def test_generate_greedy_equals_transformers_generate(tiny):
+    """Our KV-cache loop (encode once, explicit M-RoPE positions, cache copied n times) against
+    transformers' own `generate` on the same left-padded batch: the same greedy tokens."""
+    model, processor = tiny
+    q = "What colour is the shape? Answer in one word."
+    prompts = [([image()], q), ([image((30, 30, 200))], "Where is the shape?"), ([video()], q)]
+    ours = common.generate(model, processor, prompts, "cpu", max_new_tokens=12, n=2)
+    encs = common.encode_many(processor, [(m, t, None) for m, t in prompts])
+    batch = common.collate(encs, processor.tokenizer.pad_token_id, side="left")
+    with torch.no_grad():
+        ids = model.generate(**common.model_inputs(batch), max_new_tokens=12, do_sample=False)
+    theirs = processor.tokenizer.batch_decode(ids[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert [o[0] for o in ours] == theirs
+    assert all(a == b for a, b in ours)            # at temperature 0 the n copies of a prompt agree
+    assert any(t.strip() for t in theirs)
+
+
+def test_generate_samples_differ_and_follow_the_seed(tiny):
+    model, processor = tiny
+    prompts = [([image()], "Describe the picture.")]
+    torch.manual_seed(0)
+    a = common.generate(model, processor, prompts, "cpu", max_new_tokens=10, temperature=1.5, n=6)
+    torch.manual_seed(0)
+    b = common.generate(model, processor, prompts, "cpu", max_new_tokens=10, temperature=1.5, n=6)
+    assert a == b and len(set(a[0])) > 1
+
+
+def test_visual_tokens_equal_the_towers_own_and_run_once_per_medium(tiny):
+    """Two examples showing the same picture (and one showing another) get the tokens the model's own
+    forward would compute, with the tower run once over the two distinct pictures."""
+    model, processor = tiny
+    red, blue = image(), image((30, 30, 200))
+    encs = common.encode_many(processor, [([red, blue], "Which is better?", None), ([red], "Score it.", None)])
+    pixels = [dict(e) for e in encs]
+    seen = []
+    hook = model.model.visual.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
+    common.visual_tokens(model, encs, "cpu")
+    hook.remove()
+    assert seen == [2 * 64]                        # one run over 2 distinct pictures of 8x8 patches
+    for e, p in zip(encs, pixels):
+        with torch.no_grad():
+            own = model.model.get_image_features(p["pixel_values"], p["image_grid_thw"]).pooler_output
+        assert "pixel_values" not in e
+        assert torch.allclose(e["image_embeds"], torch.cat(own), atol=1e-5)
