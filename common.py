@@ -494,17 +494,18 @@ def parse_verdict(text: str, task: str, kind: str, scale=None):
 # ---------------------------------------------------------------------------------------------
 # models
 
-def load_model(name_or_path, device="cpu", train=False):
+def load_model(name_or_path, device="cpu", train=False, precision="fp32"):
     """Any Qwen2.5-VL checkpoint (hub id or local folder) through the same calls a hub user makes.
 
-    Weights are fp32 on CPU. On CUDA they are bf16 for judging and sampling, but fp32 for training
-    (`train=True`), with the math in bf16 under `autocast`: AdamW's steps at fine-tuning learning rates
-    (1e-5 and below) are smaller than bf16's rounding step for a weight near 0.02 (about 1e-4), so
-    bf16 weights would barely move. A 3B model then peaked at 60 GB on an H100 (README): fp32 weights,
-    gradients and AdamW's moments of the unfrozen part, activations. Checkpoints are saved in fp32."""
+    Weights are fp32 on CPU. On CUDA they are bf16 for judging and sampling. For training they are fp32
+    (`precision="fp32"`), with the math in bf16 under `autocast`: AdamW's steps at fine-tuning learning
+    rates (1e-5 and below) are smaller than bf16's rounding step for a weight near 0.02 (about 1e-4), so
+    bf16 weights updated by rounding to nearest would barely move. `precision="bf16"` keeps bf16 weights
+    anyway (on CPU too) for AdamW16, whose stochastic rounding moves them by the right amount on average
+    (see AdamW16). Checkpoints are saved in the weights' dtype."""
     from transformers import AutoModelForImageTextToText
-    dtype = torch.bfloat16 if device == "cuda" and not train else torch.float32
-    model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=dtype)
+    bf16 = precision == "bf16" or (device == "cuda" and not train)
+    model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=torch.bfloat16 if bf16 else torch.float32)
     return model.to(device)
 
 
@@ -524,6 +525,82 @@ def prepare_for_training(model, grad_checkpointing: bool = False):
     if grad_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model.train()
+
+
+# Bytes of GPU memory per trained parameter, weights + gradient + AdamW's two moments. A 7B judge's
+# language model has 7.6B parameters: fp32 needs 122 GB before any activation, bf16 61 GB, which fits
+# one 80 GB GPU with activation checkpointing (tools/gpu_bench.py measures both).
+BYTES_PER_PARAM = {"fp32": 4 + 4 + 8, "bf16": 2 + 2 + 4}
+
+
+def make_optimizer(params, precision: str, lr: float, weight_decay: float):
+    """torch's AdamW for fp32 weights (foreach: one call over all tensors, CUDA's default, not CPU's);
+    AdamW16 for bf16 weights."""
+    params = list(params)
+    if precision not in BYTES_PER_PARAM:
+        raise SystemExit(f"--precision {precision}: choose one of {', '.join(BYTES_PER_PARAM)}")
+    if precision == "bf16":
+        return AdamW16(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
+
+
+def stochastic_round(x: torch.Tensor, generator=None) -> torch.Tensor:
+    """fp32 -> bf16, rounding up or down at random with the probability that makes the result exact on
+    average: E[stochastic_round(x)] = x. bf16 is fp32 with the low 16 bits of the mantissa dropped, so add
+    a uniform random integer below 2**16 to the bit pattern, then drop those bits (sign-magnitude: this
+    rounds the magnitude, which is right for either sign)."""
+    bits = x.float().contiguous().view(torch.int32)
+    noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=x.device, generator=generator)
+    return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)   # exact: low bits are zero
+
+
+class AdamW16(torch.optim.Optimizer):
+    """AdamW (Loshchilov & Hutter 2019) for bf16 weights with bf16 moments: 8 bytes per parameter
+    instead of fp32's 16 (BYTES_PER_PARAM), in plain PyTorch.
+
+    The update is computed in fp32, then weights and moments are written back by stochastic rounding
+    (Zamirai et al. 2020, "Revisiting BFloat16 Training"): a step smaller than half of bf16's spacing
+    would always round back to the old weight, but rounded at random it lands on the next value with
+    probability step / spacing, so the weight follows the fp32 trajectory in expectation. Large tensors
+    go in chunks of 2**24 elements, so the fp32 temporaries stay small next to a 545M-entry embedding.
+    Its state holds the step count and the two moments, like torch's AdamW; the rounding noise of step
+    t of parameter i is seeded by (seed, t, i), so a resumed run rounds as an uninterrupted one.
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, seed=0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self.seed = seed
+        self.generators: dict = {}   # one per device
+
+    @torch.no_grad()
+    def step(self):
+        i = -1
+        for group in self.param_groups:
+            (b1, b2), lr, eps, wd = group["betas"], group["lr"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                i += 1
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.bfloat16)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.bfloat16)
+                state["step"] += 1
+                t = state["step"].item()
+                c1, c2 = 1 - b1 ** t, 1 - b2 ** t          # bias corrections
+                gen = self.generators.setdefault(p.device, torch.Generator(p.device))
+                gen.manual_seed(self.seed * 1_000_003 ** 2 + int(t) * 1_000_003 + i)
+                for w, g, m, v in zip(*(x.view(-1).split(1 << 24) for x in
+                                        (p, p.grad, state["exp_avg"], state["exp_avg_sq"]))):
+                    g32 = g.float()
+                    m32 = m.float().lerp_(g32, 1 - b1)                       # m = b1 m + (1 - b1) g
+                    v32 = v.float().mul_(b2).addcmul_(g32, g32, value=1 - b2)  # v = b2 v + (1 - b2) g^2
+                    w32 = w.float().mul_(1 - lr * wd)                          # decoupled weight decay
+                    w32.addcdiv_(m32 / c1, (v32 / c2).sqrt_().add_(eps), value=-lr)
+                    w.copy_(stochastic_round(w32, gen))
+                    m.copy_(stochastic_round(m32, gen))
+                    v.copy_(stochastic_round(v32, gen))
 
 
 def load_processor(name_or_path, max_pixels: int = 0, frame_pixels: int = 0):

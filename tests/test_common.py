@@ -328,3 +328,54 @@ def test_visual_tokens_equal_the_towers_own_and_run_once_per_medium(tiny):
             own = model.model.get_image_features(p["pixel_values"], p["image_grid_thw"]).pooler_output
         assert "pixel_values" not in e
         assert torch.allclose(e["image_embeds"], torch.cat(own), atol=1e-5)
+
+
+def test_stochastic_rounding_is_exact_on_average():
+    x = torch.randn(4096) * 3
+    lo = x.to(torch.bfloat16)                                 # round to nearest: one neighbour
+    draws = torch.stack([common.stochastic_round(x, torch.Generator().manual_seed(s)).float() for s in range(400)])
+    spacing = (lo.float().abs() * 2 ** -7).clamp_min(1e-30)   # bf16 keeps 8 bits of mantissa
+    assert ((draws - x).abs() <= spacing * 1.01).all()        # always one of the two neighbours of x
+    bias = (draws.mean(0) - x) / spacing
+    assert bias.abs().mean() < 0.03
+    assert ((lo.float() - x) / spacing).abs().mean() > 0.1    # round to nearest is off by ~0.2 on average
+
+
+def test_adamw16_moves_bf16_weights_by_steps_below_their_rounding():
+    """Steps of 1e-4 on weights near 1 (bf16 spacing 0.0078): torch's AdamW on bf16 weights rounds each one
+    away; AdamW16 follows fp32 AdamW on average."""
+    grad = torch.linspace(0.5, 1.5, 256)                      # a constant gradient: Adam's step is ~lr each time
+    runs = {}
+    for name in ("fp32", "torch-bf16", "adamw16"):
+        w = torch.nn.Parameter(torch.ones(256, dtype=torch.float32 if name == "fp32" else torch.bfloat16))
+        opt = common.AdamW16([w], lr=1e-4) if name == "adamw16" else torch.optim.AdamW([w], lr=1e-4, weight_decay=0)
+        for _ in range(100):
+            w.grad = grad.to(w.dtype)
+            opt.step()
+        runs[name] = w.detach().float()
+    moved = 1 - runs["fp32"]                                  # ~0.01 everywhere
+    assert torch.allclose(moved, torch.full_like(moved, 0.01), rtol=0.05)
+    assert torch.equal(runs["torch-bf16"], torch.ones(256))  # never moved
+    assert abs((1 - runs["adamw16"]).mean() - moved.mean()) < 0.1 * moved.mean()
+
+
+def test_adamw16_resumes_as_an_uninterrupted_run():
+    torch.manual_seed(0)
+    target = torch.randn(64, 8)
+
+    def run(steps, state=None, w0=None):
+        w = torch.nn.Parameter((torch.zeros(64, 8) if w0 is None else w0).to(torch.bfloat16))
+        opt = common.AdamW16([w], lr=0.1, weight_decay=0.1)
+        if state:
+            opt.load_state_dict(state)
+        for _ in range(steps):
+            ((w.float() - target) ** 2).sum().backward()
+            opt.step()
+            opt.zero_grad()
+        return w.detach(), opt.state_dict()
+
+    whole, _ = run(20)
+    half, state = run(10)
+    resumed, _ = run(10, state, half.float())
+    assert torch.equal(whole, resumed)
+    assert (whole.float() - target).pow(2).mean() < target.pow(2).mean() * 0.9

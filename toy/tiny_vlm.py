@@ -67,8 +67,20 @@ def build_tiny_vlm(corpus, seed: int = 0, sizes: dict = TINY):
     It is a real `Qwen2_5_VLForConditionalGeneration`: once saved with `save_pretrained` it loads with
     `AutoModelForImageTextToText` / `AutoProcessor` exactly like a hub checkpoint.
     """
-    from transformers import (AutoModelForImageTextToText, Qwen2_5_VLConfig, Qwen2_5_VLProcessor,
-                              Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
+    from transformers import AutoModelForImageTextToText
+    processor, config = processor_and_config(corpus, sizes)
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(config)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.normal_(0, sizes["embed_std"])
+    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+    model.generation_config.eos_token_id = processor.tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    return model, processor
+
+
+def processor_and_config(corpus, sizes: dict = TINY):
+    """The offline processor (tokenizer trained on `corpus`) and the Qwen2_5_VLConfig of these sizes."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
     s = sizes
     tokenizer = build_tiny_tokenizer(corpus, s["vocab"])
     px, vpx = s["image_px"] ** 2, s["video_px"] ** 2   # real media are resized down to these areas
@@ -86,7 +98,7 @@ def build_tiny_vlm(corpus, seed: int = 0, sizes: dict = TINY):
             vocab_size=max(len(tokenizer), s.get("model_vocab", 0)), hidden_size=s["text_hidden"],
             intermediate_size=s["text_ffn"],
             num_hidden_layers=s["text_layers"], num_attention_heads=s["text_heads"],
-            num_key_value_heads=s["text_kv_heads"], max_position_embeddings=4096,
+            num_key_value_heads=s["text_kv_heads"], max_position_embeddings=s.get("max_positions", 4096),
             rope_parameters={"rope_type": "default", "rope_theta": s.get("rope_theta", 10000.0),
                              "mrope_section": [t - 2 * (3 * t // 8), 3 * t // 8, 3 * t // 8]},
             tie_word_embeddings=s["tie"], bos_token_id=None, eos_token_id=ids(END_OF_TURN),
@@ -99,10 +111,4 @@ def build_tiny_vlm(corpus, seed: int = 0, sizes: dict = TINY):
         image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
         vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
         tie_word_embeddings=s["tie"])
-    torch.manual_seed(seed)
-    model = AutoModelForImageTextToText.from_config(config)
-    with torch.no_grad():
-        model.get_input_embeddings().weight.normal_(0, s["embed_std"])
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = ids(END_OF_TURN)
-    return model, processor
+    return processor, config
