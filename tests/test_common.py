@@ -379,3 +379,24 @@ def test_adamw16_resumes_as_an_uninterrupted_run():
     resumed, _ = run(10, state, half.float())
     assert torch.equal(whole, resumed)
     assert (whole.float() - target).pow(2).mean() < target.pow(2).mean() * 0.9
+
+
+def test_adamw16_buckets_cut_large_tensors_and_update_them_as_one():
+    """Buckets of 100 elements over tensors of 250, 30 and 40: every slice updated as with one bucket."""
+    torch.manual_seed(0)
+    shapes, grads = [(25, 10), (30,), (5, 8)], None
+    results = []
+    for bucket in (100, 10 ** 6):
+        ws = [torch.nn.Parameter(torch.ones(s, dtype=torch.bfloat16)) for s in shapes]
+        opt = common.AdamW16(ws, lr=0.05, bucket=bucket)
+        assert [[(a, b) for _, a, b in pieces] for pieces in opt._buckets(ws)] == (
+            [[(0, 100)], [(100, 200)], [(200, 250), (0, 30)], [(0, 40)]] if bucket == 100 else
+            [[(0, 250), (0, 30), (0, 40)]])
+        grads = grads or [torch.randn(s) for s in shapes]
+        for w, g in zip(ws, grads):
+            w.grad = g.to(torch.bfloat16)
+        opt.step()
+        results.append([w.detach().float() for w in ws])
+    for a, b in zip(*results):   # the same arithmetic; only the rounding noise differs by bucket
+        assert torch.allclose(a, b, atol=2 ** -7 * 1.01)
+        assert (a < 1).sum() > 0.3 * a.numel() and (a > 1).sum() > 0.3 * a.numel()

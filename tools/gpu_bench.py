@@ -89,7 +89,8 @@ def model_flops(model, batch, answer_tokens: int, tower_patches: int, trained_to
     return 6 * layers * tokens + 6 * head * answer_tokens + attention + (6 if trained_tower else 2) * tower * tower_patches
 
 
-def bench(shape: str, stage: str, precision: str, ckpt: bool, batch: int, seq_len: int, steps: int, tiny: bool):
+def bench(shape: str, stage: str, precision: str, ckpt: bool, batch: int, seq_len: int, steps: int, tiny: bool,
+          phases: bool = False, profile: str = ""):
     device = common.get_device()
     sizes = SHAPES[shape]
     processor, config = processor_and_config([" ".join(WORDS)] * 20, sizes)
@@ -120,13 +121,28 @@ def bench(shape: str, stage: str, precision: str, ckpt: bool, batch: int, seq_le
         dpo_batch = (common.collate(encs, pad), sum(int(e[k].shape[0]) for e in encs
                                                     for k in ("pixel_values", "pixel_values_videos") if k in e))
 
+    spent: dict = {}
+    clock = [0.0]
+
+    def mark(name):   # with --phases: seconds per phase of the step (synchronising, so a little slower)
+        if phases:
+            if device == "cuda":
+                torch.cuda.synchronize()
+            now = time.time()
+            if name:
+                spent.setdefault(name, []).append(now - clock[0])
+            clock[0] = now
+
     def step():
         nonlocal flops
+        mark("")
         if stage == "02":
             encs = [dict(e) for *_, e in exs]
             patches = sum(int(e[k].shape[0]) for e in encs for k in ("pixel_values", "pixel_values_videos") if k in e)
             common.visual_tokens(model, encs, device)
+            mark("tower")
             b = common.to_device(common.collate(encs, pad), device)
+            mark("collate")
             with common.autocast(device):
                 loss, _ = train.reward_loss(model, b, [k for *_, k, _ in exs], None, 0.0)
         else:   # 04: pairs of (chosen, rejected) answers to the same prompt and media
@@ -138,10 +154,14 @@ def bench(shape: str, stage: str, precision: str, ckpt: bool, batch: int, seq_le
                                         n_c=n_c, n_r=n_r)
             loss = losses.mean() - (c / n_c).mean()
             b, patches = dpo_batch
+        mark("forward")
         loss.backward()
+        mark("backward")
         torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+        mark("clip")
         opt.step()
         opt.zero_grad(set_to_none=True)
+        mark("optimizer")
         flops = model_flops(model, b, int(b["answer_mask"][:, 1:].sum()), patches, stage == "04")
         return int(b["attention_mask"].sum())
 
@@ -154,12 +174,23 @@ def bench(shape: str, stage: str, precision: str, ckpt: bool, batch: int, seq_le
             torch.cuda.synchronize()
         if i >= 2:
             times.append(time.time() - t)
+    if profile:
+        from torch.profiler import ProfilerActivity, profile as torch_profile
+        cuda = device == "cuda"
+        with torch_profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as prof:
+            step()
+            if cuda:
+                torch.cuda.synchronize()
+        Path(profile).write_text(prof.key_averages().table(
+            sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=40))
     sec = statistics.median(times)
     row = dict(shape=shape, stage=stage, precision=precision, grad_checkpointing=ckpt, batch=batch,
                tokens_per_step=tokens, trained_params_b=round(n_params / 1e9, 2),
                bytes_per_param=common.BYTES_PER_PARAM[precision], build_s=round(build_s, 1),
                step_s=round(sec, 3), tokens_per_s=round(tokens / sec), tflops=round(flops / sec / 1e12, 1),
                mfu=round(flops / sec / PEAK_BF16, 3))
+    if phases:
+        row["phases_s"] = {k: round(statistics.median(v[2:]), 3) for k, v in spent.items()}
     if device == "cuda":
         row.update(peak_alloc_gb=round(torch.cuda.max_memory_allocated() / 1e9, 1),
                    peak_reserved_gb=round(torch.cuda.max_memory_reserved() / 1e9, 1))
@@ -188,6 +219,8 @@ def main():
     ap.add_argument("--seq-len", type=int, default=4096)
     ap.add_argument("--only", default="", help="comma-separated indices into the configuration list")
     ap.add_argument("--tiny", action="store_true", help="the toy's shape on CPU: a dry run of the same code")
+    ap.add_argument("--phases", action="store_true", help="also time each phase of the step (synchronising)")
+    ap.add_argument("--profile", action="store_true", help="write a torch.profiler table of one step per run")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -207,7 +240,8 @@ def main():
     rows = []
     for r in runs:
         try:
-            row = bench(*r[:4], r[4], a.seq_len, a.steps, a.tiny)
+            row = bench(*r[:4], r[4], a.seq_len, a.steps, a.tiny, a.phases,
+                        str(out / f"profile_{'_'.join(map(str, r))}.txt") if a.profile else "")
         except Exception as e:   # an out-of-memory configuration is a result too
             row = dict(zip(("shape", "stage", "precision", "grad_checkpointing", "batch"), r),
                        error=f"{type(e).__name__}: {str(e)[:300]}")
