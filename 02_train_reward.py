@@ -57,6 +57,8 @@ class Config:
     seed: int = 0                     # seeds data order and initialisation of anything random
     resume: bool = False              # continue from the checkpoint in out_dir
     grad_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~1/3 more compute
+    parallel: str = "ddp"             # under torchrun: ddp (a full copy per GPU), fsdp (FSDP2: weights, gradients and
+                                      # AdamW sharded, ZeRO-3) or zero2 (FSDP2 keeping weights gathered forward to backward)
     precision: str = "fp32"           # fp32: fp32 weights and AdamW, bf16 math on CUDA (16 bytes per trained
                                       # parameter); bf16: bf16 weights and moments, stochastically rounded AdamW16
                                       # (8 bytes: a 7B judge fits one 80 GB GPU)
@@ -68,7 +70,7 @@ class Config:
 # ---------------------------------------------------------------------------------------------
 # the loss (section III-B), written by hand from the logits
 
-def reward_loss(model, batch, kinds: list[str], decisive: list | None, bt_weight: float):
+def reward_loss(model, batch, kinds: list[str], decisive: list | None, bt_weight: float, norm=None):
     """Token cross-entropy on the answer tokens, plus an optional Bradley-Terry term.
 
     batch: collated examples; kinds: (B,) "pairwise"/"pointwise"; decisive: per row None, or
@@ -79,6 +81,10 @@ def reward_loss(model, batch, kinds: list[str], decisive: list | None, bt_weight
     BT = mean over strict pairs of -log sigmoid(log p(right) - log p(wrong))
     at the decisive position: the log-probability gap between "Image 1 is better" and "Image 2 is
     better", since the rest of both answers follows deterministically from that token.
+    norm: (answer tokens, strict pairs) to divide the sums by; by default this batch's own counts (the
+    means above). Under torchrun each rank holds a share of the global batch and DDP averages the ranks'
+    gradients, so there it is the global batch's counts over the number of ranks: the result is then
+    the global batch's mean, however unevenly its tokens fall on the ranks.
     Returns (loss, stats) with stats = per-kind mean CE and the BT term, as floats.
     """
     pairs = [(r, d) for r, d in enumerate(decisive or []) if d is not None] if bt_weight > 0 else []
@@ -89,7 +95,7 @@ def reward_loss(model, batch, kinds: list[str], decisive: list | None, bt_weight
             other[r, pos] = wrong
     logps, rows, other_logps = common.answer_token_logps(model, batch, other)   # (N,) each
     nll = -logps
-    loss = nll.mean()
+    loss = nll.sum() / (norm[0] if norm else len(nll))
     stats = {}
     for kind in common.KINDS:
         sel = torch.tensor([kinds[r] == kind for r in rows.tolist()], device=nll.device)
@@ -97,10 +103,26 @@ def reward_loss(model, batch, kinds: list[str], decisive: list | None, bt_weight
             stats[f"ce_{kind}"] = nll[sel].mean().item()
     if pairs:
         at = (batch["input_ids"] != other)[:, 1:][batch["answer_mask"][:, 1:]]    # (N,) True where swapped
-        bt = -torch.nn.functional.logsigmoid(logps[at] - other_logps[at]).mean()
-        loss = loss + bt_weight * bt
-        stats["bt"] = bt.item()
+        bt = -torch.nn.functional.logsigmoid(logps[at] - other_logps[at])
+        loss = loss + bt_weight * bt.sum() / (norm[1] if norm else len(bt))
+        stats["bt"] = bt.mean().item()
     return loss, stats
+
+
+class Objective(torch.nn.Module):
+    """The judge with its loss in forward: the module DDP or FSDP2 wraps (common.wrap)."""
+
+    def __init__(self, model, bt_weight: float):
+        super().__init__()
+        self.model, self.bt_weight = model, bt_weight
+
+    def forward(self, batch, kinds, decisive, norm=None):
+        return reward_loss(self.model, batch, kinds, decisive, self.bt_weight, norm)
+
+
+def counts(batch, decisive) -> list[float]:
+    """[answer tokens, strict pairs] of a batch: what reward_loss divides by."""
+    return [float(batch["answer_mask"][:, 1:].sum()), float(sum(d is not None for d in decisive))]
 
 
 def decisive_tokens(tokenizer, record) -> tuple[int, int, int] | None:
@@ -132,10 +154,13 @@ def load_records(cfg, split: str, skips: common.SkipLog) -> list[dict]:
 class Batches:
     """Endless shuffled micro-batches of encoded examples. An example whose media cannot be read or
     which does not fit max_len is skipped and logged once, and never drawn again. Given the model
-    whose vision tower is frozen (`frozen`), examples carry that tower's output instead of pixels."""
+    whose vision tower is frozen (`frozen`), examples carry that tower's output instead of pixels.
+    Under torchrun every rank draws the same global batches and encodes only its share of each (every
+    world-th draw); the ranks tell each other which records they skipped, so their draws stay the same."""
 
-    def __init__(self, records, processor, cfg, skips, seed, frozen=None, device="cpu"):
+    def __init__(self, records, processor, cfg, skips, seed, frozen=None, device="cpu", rank=0, world=1):
         self.records, self.processor, self.cfg, self.skips = records, processor, cfg, skips
+        self.rank, self.world = rank, world
         self.frozen, self.device = frozen, device
         self.rng = random.Random(seed)
         self.order, self.pos, self.bad = [], 0, set()
@@ -215,15 +240,28 @@ class Batches:
         else:
             print(f"cache on: {len(self.records)} encoded examples take about {self.projected_gb:.2f} GB")
 
+    def _share_bad(self, before: set) -> None:
+        """Every rank learns the records the others skipped (a collective; nothing in a single process)."""
+        if self.world > 1:
+            import torch.distributed as dist
+            found = [None] * self.world
+            dist.all_gather_object(found, sorted(self.bad - before))
+            for ks in found:
+                self.bad.update(ks)
+
     def next(self):
-        """-> (collated batch, kinds (B,), decisive (B,))"""
-        picks = []
-        while len(picks) < self.cfg.batch_size:
+        """-> (collated batch, kinds (B,), decisive (B,)): this rank's share of a global batch of batch_size"""
+        picks, drawn = [], 0
+        while drawn < self.cfg.batch_size:
             if len(self.bad) == len(self.records):
                 raise RuntimeError(f"every training record was skipped; see {self.skips.path}")
-            draws = [self._next_record() for _ in range(self.cfg.batch_size - len(picks))]
-            got = self._encoded(draws)
-            picks += [(k, got[k]) for k in draws if k in got]
+            draws = [self._next_record() for _ in range(self.cfg.batch_size - drawn)]
+            before = set(self.bad)
+            mine = draws[self.rank::self.world]
+            got = self._encoded(mine)
+            self._share_bad(before)
+            drawn += sum(k not in self.bad for k in draws)
+            picks += [(k, got[k]) for k in mine if k in got]
         encs = [e for _, (e, _) in picks]
         if self.frozen is not None:
             common.visual_tokens(self.frozen, encs, self.device)
@@ -359,15 +397,20 @@ def main(cfg: Config) -> dict:
     common.from_repository(cfg)
     common.set_seed(cfg.seed)
     device = common.get_device()
+    rank, world = common.init_distributed()   # 0, 1 unless started by torchrun
     common.require(Path(cfg.data_dir) / "reward_train.jsonl", "--data-dir", "01_prepare_data.py", hub_ok=False)
     common.require(cfg.base, "--base", "python -m toy.pretrain_base")
     out = common.output_dir(cfg.out_dir)
     if cfg.resume and not (out / "train_state.pt").exists():
         raise SystemExit(f"--resume: no checkpoint to resume from in {out} (no train_state.pt)")
-    skips = common.SkipLog(out / "skipped.jsonl", resume=cfg.resume)
+    if cfg.resume and world > 1:
+        raise SystemExit("--resume continues single-process runs only (torchrun checkpoints hold no optimizer state)")
+    skips = common.SkipLog(out / ("skipped.jsonl" if rank == 0 else f"skipped.rank{rank}.jsonl"), resume=cfg.resume)
+    common.barrier()
     train = load_records(cfg, "train", skips)
     test = load_records(cfg, "test", skips)
-    print(f"{len(train)} train / {len(test)} test records; {skips.summary()}")
+    say = print if rank == 0 else (lambda *a, **k: None)
+    say(f"{len(train)} train / {len(test)} test records; {skips.summary()}")
 
     start = out if cfg.resume else cfg.base
     model = common.load_model(start, device, train=True, precision=cfg.precision)
@@ -377,9 +420,14 @@ def main(cfg: Config) -> dict:
         model.model.visual.requires_grad_(False)
         if device == "cuda":   # a frozen tower only runs forward, under bf16 autocast: bf16 weights suffice
             model.model.visual.to(torch.bfloat16)
+    objective = Objective(model, cfg.bt_weight)
+    if world > 1:   # DDP or FSDP2 around the module whose forward computes the loss
+        objective = common.wrap(objective, model.model.language_model.layers, cfg.parallel,
+                                frozen=() if cfg.train_vision else model.model.visual.parameters())
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = common.make_optimizer(params, cfg.precision, cfg.lr, cfg.weight_decay)
-    batches = Batches(train, processor, cfg, skips, cfg.seed, frozen=None if cfg.train_vision else model, device=device)
+    batches = Batches(train, processor, cfg, skips, cfg.seed, frozen=None if cfg.train_vision else model, device=device,
+                      rank=rank, world=world)
     step, saved = 0, None
     if cfg.resume:
         state = torch.load(out / "train_state.pt", weights_only=True)
@@ -390,25 +438,35 @@ def main(cfg: Config) -> dict:
         print(f"resumed from {out} at step {step}")
     evalset = subsample(test, cfg.eval_size, cfg.seed)
 
-    def evaluate(records):
-        model.eval()
-        preds = judge_records(model, processor, records, cfg.data_dir, device, cfg.template, skips,
-                                     max_len=cfg.max_len)
-        model.train()
+    def judge():
+        """The model to judge with (rank 0 only): the one being trained, or, when FSDP2 has sharded it,
+        a whole copy read back from the checkpoint just written."""
+        if any(hasattr(p, "to_local") for p in model.parameters()):
+            return common.load_model(out, device)
+        return model
+
+    def evaluate(records, judge_model):
+        judge_model.eval()
+        preds = judge_records(judge_model, processor, records, cfg.data_dir, device, cfg.template, skips,
+                              max_len=cfg.max_len)
+        judge_model.train()
         return judge_metrics(preds)
 
     def checkpoint():
         nonlocal saved
-        if not common.all_finite(model.parameters()):     # never write a checkpoint that holds NaN or inf
+        if common.all_sum([float(not common.all_finite(model.parameters()))])[0]:   # never write NaN or inf
             raise common.nonfinite("a weight is not finite", step, out, saved)
-        common.save_checkpoint(model, processor, out, extra={
-            "step": step, "optimizer": optimizer.state_dict(), "batches": batches.state(),
-            "torch_rng": torch.get_rng_state(), "config": dataclasses.asdict(cfg)})
+        state = common.full_state_dict(model)          # under FSDP2: gathered from every rank's shard
+        if rank == 0:   # resuming needs the optimizer state: single-process runs only
+            common.save_checkpoint(model, processor, out, state_dict=state, extra=None if world > 1 else {
+                "step": step, "optimizer": optimizer.state_dict(), "batches": batches.state(),
+                "torch_rng": torch.get_rng_state(), "config": dataclasses.asdict(cfg)})
+        common.barrier()
         saved = step
 
     model.train()
     t0, seen, tokens, final = time.time(), 0, 0, None
-    bar = tqdm(total=cfg.steps, initial=step, desc="judge", dynamic_ncols=True, mininterval=2)
+    bar = tqdm(total=cfg.steps, initial=step, desc="judge", dynamic_ncols=True, mininterval=2, disable=rank > 0)
     while step < cfg.steps:
         for group in optimizer.param_groups:
             group["lr"] = common.lr_at(step, cfg.steps, cfg.lr, cfg.warmup)
@@ -416,16 +474,20 @@ def main(cfg: Config) -> dict:
         for _ in range(cfg.grad_accum):
             batch, kinds, decisive = batches.next()
             batch = common.to_device(batch, device)
+            # under torchrun: divide by the global batch's counts (see reward_loss); else by this batch's
+            norm = [n / world for n in common.all_sum(counts(batch, decisive))] if world > 1 else None
             with common.autocast(device):
-                loss, stats = reward_loss(model, batch, kinds, decisive, cfg.bt_weight)
-            if not torch.isfinite(loss):
+                loss, stats = objective(batch, kinds, decisive, norm)
+            if common.all_sum([float(not torch.isfinite(loss))])[0]:          # on any rank: all stop
                 raise common.nonfinite(f"the loss is {loss.item()}", step, out, saved)
             (loss / cfg.grad_accum).backward()
             seen += len(kinds)
             tokens += int(batch["attention_mask"].sum())
-            for k, v in {"loss": loss.item(), **stats}.items():
+            value = common.all_sum([loss.item()])[0] / world   # under torchrun the global batch's loss
+            for k, v in {"loss": value, **stats}.items():
                 stats_sum[k] = stats_sum.get(k, 0.0) + v / cfg.grad_accum
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip, foreach=True)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm   # FSDP2: one norm of all shards
         if not torch.isfinite(norm):                     # a finite loss can still have an inf gradient
             raise common.nonfinite(f"the gradient norm is {norm.item()}", step, out, saved)
         optimizer.step()
@@ -434,9 +496,13 @@ def main(cfg: Config) -> dict:
         bar.update(1)
         bar.set_postfix(loss=f"{stats_sum['loss']:.3f}", refresh=False)   # redrawn every 2 s, not every step
         if step % cfg.eval_every == 0 or step == cfg.steps:
+            checkpoint()
+            if rank > 0:
+                continue
             # periodic evaluations use a fixed subsample; the last one, the whole held-out set (the report)
-            metrics = evaluate(test if step == cfg.steps else evalset)
-            final = metrics if step == cfg.steps else None
+            judge_model = judge()
+            metrics = evaluate(test if step == cfg.steps else evalset, judge_model)
+            final = (metrics, judge_model) if step == cfg.steps else None
             row = {"step": step, "time_s": round(time.time() - t0, 1), "examples": seen, **stats_sum,
                    "tokens_per_s": round(tokens / (time.time() - t0)), "lr": optimizer.param_groups[0]["lr"],
                    "peak_gpu_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,
@@ -446,13 +512,15 @@ def main(cfg: Config) -> dict:
                 f"{t.split('_')[0][:3]}-{t.split('_')[1][:3]} pair {m.get('pair_diff', float('nan')):.2f} "
                 f"point {m.get('point_exact', float('nan')):.2f} rho {m.get('point_spearman', float('nan')):.2f}"
                 for t, m in metrics.items()))
-            checkpoint()
     bar.close()
+    if rank > 0:   # rank 0 writes the report
+        return {}
 
     # the report on the whole held-out set (measured at the last step unless resumed there), the control
-    metrics = final or evaluate(test)
-    model.eval()
-    control = no_pixels_control(model, processor, test, cfg, device, skips)
+    metrics, judge_model = final or (None, judge())
+    metrics = metrics or evaluate(test, judge_model)
+    judge_model.eval()
+    control = no_pixels_control(judge_model, processor, test, cfg, device, skips)
     table = format_table(metrics, control)
     (out / "eval.json").write_text(json.dumps({"metrics": metrics, "no_pixels": control}, indent=1))
     print(table)

@@ -55,6 +55,7 @@ class Config:
     seed: int = 0                                  # data order
     resume: bool = False                           # continue from the checkpoint in out_dir
     grad_checkpointing: bool = False               # recompute activations in the backward pass: less memory, more compute
+    parallel: str = "ddp"                          # under torchrun: ddp, fsdp (FSDP2, ZeRO-3) or zero2 (see common.wrap)
     precision: str = "fp32"                        # fp32: fp32 weights and AdamW, bf16 math on CUDA (16 bytes per trained
                                                    # parameter); bf16: bf16 weights and moments, stochastically rounded AdamW16
                                                    # (8 bytes: a 7B judge fits one 80 GB GPU)
@@ -88,14 +89,25 @@ def dpo_loss(pi_c, pi_r, ref_c, ref_r, beta=0.1, label_smoothing=0.0, kind="sigm
     return losses, beta * (pi_c - ref_c).detach(), beta * (pi_r - ref_r).detach()
 
 
-def pair_logps(model, processor, pairs, media, max_len):
-    """Chosen and rejected of each pair in ONE concatenated forward: (B,), (B,) summed log-probs, and
-    (B,), (B,) the number of answer tokens of each chosen and each rejected."""
+class Policy(torch.nn.Module):
+    """The policy with its sequence log-likelihoods in forward: the module DDP or FSDP2 wraps."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch):
+        return common.answer_logps(self.model, batch)   # (B,)
+
+
+def pair_logps(policy, processor, pairs, media, max_len, device):
+    """Chosen and rejected of each pair in ONE concatenated forward of `policy` (a Policy, maybe
+    wrapped): (B,), (B,) summed log-probs, and (B,), (B,) the number of answer tokens of each."""
     encs = common.encode_many(processor, [(m, p["prompt"], p[side])
                                           for side in ("chosen", "rejected") for p, m in zip(pairs, media)], max_len)
-    batch = common.to_device(common.collate(encs, processor.tokenizer.pad_token_id), model.device)
-    with common.autocast(model.device.type):
-        logps = common.answer_logps(model, batch)
+    batch = common.to_device(common.collate(encs, processor.tokenizer.pad_token_id), device)
+    with common.autocast(device):
+        logps = policy(batch)
     n = batch["answer_mask"].sum(1)
     return logps[:len(pairs)], logps[len(pairs):], n[:len(pairs)], n[len(pairs):]
 
@@ -127,33 +139,39 @@ def load_pairs(cfg, processor, skips) -> tuple[list[dict], list]:
 
 
 @torch.no_grad()
-def reference_logps(model, processor, pairs, media, cfg) -> torch.Tensor:
-    """(N, 2) log-probs of chosen and rejected under the starting policy, computed once."""
-    out = []
-    for i in range(0, len(pairs), cfg.batch_size):
-        c, r, _, _ = pair_logps(model, processor, pairs[i:i + cfg.batch_size], media[i:i + cfg.batch_size],
-                                cfg.max_len)
-        out.append(torch.stack([c, r], 1).float().cpu())
-    return torch.cat(out)
+def reference_logps(policy, processor, pairs, media, cfg, device, rank=0, world=1) -> torch.Tensor:
+    """(N, 2) log-probs of chosen and rejected under the starting policy, computed once (under torchrun,
+    each rank its share of the batches)."""
+    def one(i):
+        c, r, _, _ = pair_logps(policy, processor, pairs[i:i + cfg.batch_size], media[i:i + cfg.batch_size],
+                                cfg.max_len, device)
+        return torch.stack([c, r], 1).float().cpu()
+    return torch.cat(common.shard_map(one, list(range(0, len(pairs), cfg.batch_size)), rank, world))
 
 
 def main(cfg: Config) -> dict:
     common.from_repository(cfg)
     common.set_seed(cfg.seed)
     device = common.get_device()
+    rank, world = common.init_distributed()   # 0, 1 unless started by torchrun
+    say = print if rank == 0 else (lambda *a, **k: None)
     common.require(cfg.pairs, "--pairs", "03_build_pairs.py", hub_ok=False)
     common.require(cfg.policy, "--policy", "python -m toy.pretrain_base")
     out = common.output_dir(cfg.out_dir)
     if cfg.resume and not (out / "train_state.pt").exists():
         raise SystemExit(f"--resume: no checkpoint to resume from in {out} (no train_state.pt)")
-    skips = common.SkipLog(out / "skipped.jsonl", resume=cfg.resume)
+    if world > 1 and (cfg.resume or cfg.batch_size % world):
+        raise SystemExit(f"under torchrun: --batch-size must be a multiple of the {world} ranks (got {cfg.batch_size}),"
+                         " and --resume continues single-process runs only")
+    skips = common.SkipLog(out / ("skipped.jsonl" if rank == 0 else f"skipped.rank{rank}.jsonl"), resume=cfg.resume)
+    common.barrier()
     model = common.load_model(out if cfg.resume else cfg.policy, device, train=True, precision=cfg.precision)
     processor = common.load_processor(cfg.policy)
     # Dropout off while training: the policy's log-probs must be computed exactly as the reference's
     # were, or the margin h carries dropout noise even at step 0.
     common.prepare_for_training(model, cfg.grad_checkpointing)
     pairs, media = load_pairs(cfg, processor, skips)
-    print(f"{len(pairs)} pairs from {cfg.pairs}; {skips.summary()}")
+    say(f"{len(pairs)} pairs from {cfg.pairs}; {skips.summary()}")
     if len(pairs) < 2:
         raise SystemExit(f"need at least 2 usable pairs in {cfg.pairs}, found {len(pairs)}")
     order = list(range(len(pairs)))
@@ -162,6 +180,9 @@ def main(cfg: Config) -> dict:
     hold, train = order[:n_hold], order[n_hold:]
     steps_per_epoch = max(1, len(train) // (cfg.batch_size * cfg.grad_accum))
     total = cfg.epochs * steps_per_epoch
+    policy = Policy(model)
+    if world > 1:   # DDP or FSDP2 around the module whose forward computes the log-likelihoods
+        policy = common.wrap(policy, model.model.language_model.layers, cfg.parallel)
     optimizer = common.make_optimizer(model.parameters(), cfg.precision, cfg.lr, weight_decay=0.0)
 
     step, saved = 0, None
@@ -170,14 +191,15 @@ def main(cfg: Config) -> dict:
         ref, step = state["reference_logps"], state["step"]
         saved = step
         optimizer.load_state_dict(state["optimizer"])
-        print(f"resumed at step {step}/{total}")
+        say(f"resumed at step {step}/{total}")
     else:
         t = time.time()
-        ref = reference_logps(model, processor, pairs, media, cfg)   # the frozen reference, once
-        print(f"reference log-probs of {len(pairs)} pairs in {time.time() - t:.1f}s")
+        ref = reference_logps(policy, processor, pairs, media, cfg, device, rank, world)   # the frozen reference, once
+        say(f"reference log-probs of {len(pairs)} pairs in {time.time() - t:.1f}s")
 
     def run(idx, train_mode: bool):
-        c, r, n_c, n_r = pair_logps(model, processor, [pairs[i] for i in idx], [media[i] for i in idx], cfg.max_len)
+        c, r, n_c, n_r = pair_logps(policy, processor, [pairs[i] for i in idx], [media[i] for i in idx], cfg.max_len,
+                                    device)
         c, r, rc, rr = c.float(), r.float(), ref[idx, 0].to(device), ref[idx, 1].to(device)
         losses, ch, rj = dpo_loss(c, r, rc, rr, cfg.beta, cfg.label_smoothing, cfg.loss, n_c, n_r)
         # The chosen answer's own likelihood (per token), kept up by a plain NLL term: DPO alone only
@@ -192,20 +214,24 @@ def main(cfg: Config) -> dict:
 
     @torch.no_grad()
     def evaluate():
-        rows = [run(hold[i:i + cfg.batch_size], False)[1] for i in range(0, len(hold), cfg.batch_size)]
+        rows = common.shard_map(lambda i: run(hold[i:i + cfg.batch_size], False)[1],
+                                list(range(0, len(hold), cfg.batch_size)), rank, world)
         return {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
 
     def checkpoint():
         nonlocal saved
-        if not common.all_finite(model.parameters()):     # never write a checkpoint that holds NaN or inf
+        if common.all_sum([float(not common.all_finite(model.parameters()))])[0]:   # never write NaN or inf
             raise common.nonfinite("a weight is not finite", step, out, saved)
-        common.save_checkpoint(model, processor, out, extra={
-            "step": step, "optimizer": optimizer.state_dict(), "reference_logps": ref,
-            "config": dataclasses.asdict(cfg)})
+        state = common.full_state_dict(model)          # under FSDP2: gathered from every rank's shard
+        if rank == 0:   # resuming needs the optimizer state: single-process runs only
+            common.save_checkpoint(model, processor, out, state_dict=state, extra=None if world > 1 else {
+                "step": step, "optimizer": optimizer.state_dict(), "reference_logps": ref,
+                "config": dataclasses.asdict(cfg)})
+        common.barrier()
         saved = step
 
-    print("held-out before:", {k: round(v, 3) for k, v in evaluate().items()})
-    bar = tqdm(total=total, initial=step, desc="dpo", dynamic_ncols=True, mininterval=2)
+    say("held-out before:", {k: round(v, 3) for k, v in evaluate().items()})
+    bar = tqdm(total=total, initial=step, desc="dpo", dynamic_ncols=True, mininterval=2, disable=rank > 0)
     t0 = time.time()
     while step < total:
         epoch, k = divmod(step, steps_per_epoch)
@@ -217,13 +243,16 @@ def main(cfg: Config) -> dict:
         sums = {}
         for a in range(cfg.grad_accum):
             start = (k * cfg.grad_accum + a) * cfg.batch_size
-            loss, stats = run(epoch_order[start:start + cfg.batch_size], True)
-            if not torch.isfinite(loss):
+            # this rank's share of the global batch: batch_size / world pairs, so that DDP's mean of the
+            # ranks' gradients is the global batch's
+            loss, stats = run(epoch_order[start:start + cfg.batch_size][rank::world], True)
+            if common.all_sum([float(not torch.isfinite(loss))])[0]:              # on any rank: all stop
                 raise common.nonfinite(f"the loss (DPO + NLL) is {loss.item()}", step, out, saved)
             (loss / cfg.grad_accum).backward()
-            for key, v in stats.items():
-                sums[key] = sums.get(key, 0.0) + v / cfg.grad_accum
+            for key, v in zip(stats, common.all_sum(list(stats.values()))):     # means over the ranks
+                sums[key] = sums.get(key, 0.0) + v / world / cfg.grad_accum
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip, foreach=True)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm   # FSDP2: one norm of all shards
         if not torch.isfinite(norm):                     # a finite loss can still have an inf gradient
             raise common.nonfinite(f"the gradient norm is {norm.item()}", step, out, saved)
         optimizer.step()
@@ -233,14 +262,15 @@ def main(cfg: Config) -> dict:
         bar.set_postfix(loss=f"{sums['loss']:.3f}", acc=f"{sums['reward_acc']:.2f}", refresh=False)
         if step % steps_per_epoch == 0 or step == total:
             held = evaluate()
-            common.append_jsonl(out / "log.jsonl", {"step": step, "time_s": round(time.time() - t0, 1), "train": sums,
-                                                    "heldout": held})
-            bar.write(f"epoch {step // steps_per_epoch}: held-out loss {held['loss']:.3f} reward acc "
-                      f"{held['reward_acc']:.2f} margin {held['margin']:.3f}")
             checkpoint()
+            if rank == 0:
+                common.append_jsonl(out / "log.jsonl", {"step": step, "time_s": round(time.time() - t0, 1),
+                                                        "train": sums, "heldout": held})
+                bar.write(f"epoch {step // steps_per_epoch}: held-out loss {held['loss']:.3f} reward acc "
+                          f"{held['reward_acc']:.2f} margin {held['margin']:.3f}")
     bar.close()
     final = evaluate()
-    print("held-out after:", {k: round(v, 3) for k, v in final.items()}, f"({time.time() - t0:.0f}s); {skips.summary()}")
+    say("held-out after:", {k: round(v, 3) for k, v in final.items()}, f"({time.time() - t0:.0f}s); {skips.summary()}")
     return final
 
 

@@ -20,6 +20,7 @@ import dataclasses
 import inspect
 import json
 import math
+import os
 import random
 import re
 import shutil
@@ -129,7 +130,7 @@ def output_dir(path) -> Path:
     out = Path(path)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out.with_name(out.name + ".probe")
+        probe = out.with_name(f"{out.name}.probe{os.getpid()}")   # one per process: torchrun starts several
         probe.mkdir(exist_ok=True)
         probe.rmdir()
     except OSError as e:
@@ -156,6 +157,107 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
         return peak * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# ---------------------------------------------------------------------------------------------
+# several processes (torchrun)
+#
+# `python 02_train_reward.py` is rank 0 of 1 and none of this does anything. Under
+# `torchrun --nproc_per_node N 02_train_reward.py ...` every process runs the same script: each draws
+# the same global batches and computes the loss of its own share of each, the gradients are averaged
+# across ranks by DDP or FSDP2, and rank 0 writes the checkpoints and the reports.
+
+def init_distributed() -> tuple[int, int]:
+    """(rank, world size). Under torchrun, join the process group: NCCL with one GPU per rank, or gloo
+    on CPU (what the tests run)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))   # "cuda" then means this rank's GPU
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def all_sum(values: list[float]) -> list[float]:
+    """Sums over ranks (the values themselves in a single process)."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device="cuda" if torch.cuda.is_available() else "cpu")
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def shard_map(fn, items: list, rank: int, world: int) -> list:
+    """[fn(x) for x in items], the items split across ranks and the results (CPU objects) gathered on
+    every rank. Every rank makes the same number of calls, the last item standing in where a rank runs
+    out, because each forward of an FSDP2 model is a collective that all ranks must join."""
+    if world == 1:
+        return [fn(x) for x in items]
+    import torch.distributed as dist
+    per = -(-len(items) // world)
+    mine = [(i, fn(items[i])) for i in (min(rank * per + k, len(items) - 1) for k in range(per))]
+    parts = [None] * world
+    dist.all_gather_object(parts, mine)
+    got = {i: r for part in parts for i, r in part}
+    return [got[i] for i in range(len(items))]
+
+
+PARALLEL = ("ddp", "fsdp", "zero2")
+
+
+def wrap(objective: torch.nn.Module, layers, parallel: str, frozen=()) -> torch.nn.Module:
+    """Make a module whose forward computes the loss data-parallel. The loss must be computed inside
+    this forward: DDP and FSDP act through their forward's hooks, and a call that goes around them (to
+    `model.model` directly, say) would leave the gradients unsynchronised without any error.
+
+    ddp:   DistributedDataParallel: every rank holds a full copy; gradients are all-reduced.
+    fsdp:  FSDP2 (`fully_shard`) on each of `layers` (the decoder layers), then on the whole: weights,
+           gradients and optimizer state are sharded across ranks, a layer's weights gathered just for its
+           forward and again for its backward (ZeRO-3). On CUDA the gathered weights are bf16 and gradients
+           are reduced in fp32 (MixedPrecisionPolicy).
+    zero2: the same, but weights stay gathered from forward to backward (reshard_after_forward=False):
+           one gather a step instead of two, for the memory of full weights (ZeRO-2, the authors' setting).
+    Only decoder layers get a shard group of their own: every rank runs each of them once per forward,
+    as FSDP2's collectives require, while the vision tower runs once per kind of medium in the batch
+    (pictures, clips), which differs between ranks; its weights belong to the whole model's group, or,
+    when `frozen` (02's frozen tower), stay out of it, a full copy on every rank."""
+    if parallel not in PARALLEL:
+        raise SystemExit(f"--parallel {parallel}: choose one of {', '.join(PARALLEL)}")
+    if parallel == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+        return DistributedDataParallel(objective, broadcast_buffers=False)   # its buffers are constants
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if torch.cuda.is_available() else MixedPrecisionPolicy()
+    for layer in layers:
+        fully_shard(layer, mp_policy=mp, reshard_after_forward=parallel == "fsdp")
+    fully_shard(objective, mp_policy=mp, reshard_after_forward=parallel == "fsdp", ignored_params=set(frozen))
+    return objective
+
+
+def full_state_dict(model) -> dict:
+    """The model's whole state dict on CPU, gathered from the shards when FSDP2 split it (a collective:
+    every rank calls it); the plain state dict otherwise."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    if not any(hasattr(p, "to_local") for p in model.parameters()):   # not sharded (DTensor parameters)
+        return model.state_dict()
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    first: dict = {}   # tied weights (embeddings and lm_head) gathered as two copies: one tensor again
+    for name, p in model.named_parameters(remove_duplicate=False):
+        key = first.setdefault(id(p), name)
+        if key in state:   # rank 0 receives the whole dict, the others an empty one
+            state[name] = state[key]
+    return state
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,13 +340,14 @@ def read_jsonl(path, skips: SkipLog | None = None) -> list[dict]:
     return rows
 
 
-def save_checkpoint(model, processor, out_dir, extra: dict | None = None) -> None:
+def save_checkpoint(model, processor, out_dir, extra: dict | None = None, state_dict: dict | None = None) -> None:
     """Write a `save_pretrained` folder atomically: into a temp folder, then rename over the old one,
-    so an interrupted run never leaves a half-written checkpoint. `extra` goes to train_state.pt."""
+    so an interrupted run never leaves a half-written checkpoint. `extra` goes to train_state.pt;
+    `state_dict` (gathered from shards by full_state_dict) replaces the model's own."""
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, state_dict=state_dict)
     processor.save_pretrained(tmp)
     if extra is not None:
         torch.save(extra, tmp / "train_state.pt")
@@ -580,8 +683,9 @@ class AdamW16(torch.optim.Optimizer):
         a tensor larger than a bucket (a 7B model's 545M-entry embedding) is cut into slices."""
         out, size = [], 0
         for p in params:
-            for a in range(0, p.numel(), self.bucket):
-                b = min(p.numel(), a + self.bucket)
+            n = (p.to_local() if hasattr(p, "to_local") else p).numel()
+            for a in range(0, n, self.bucket):
+                b = min(n, a + self.bucket)
                 if out and (size + b - a > self.bucket or p.device != out[-1][0].device):
                     yield out
                     out, size = [], 0
@@ -606,7 +710,8 @@ class AdamW16(torch.optim.Optimizer):
                 gen = self.generators.setdefault(pieces[0][0].device, torch.Generator(pieces[0][0].device))
                 gen.manual_seed(self.seed * 1_000_003 ** 2 + int(t) * 1_000_003 + i)
                 i += 1
-                views = lambda get: [get(p).view(-1)[a:b] for p, a, b in pieces]   # slices of one tensor each
+                local = lambda x: x.to_local() if hasattr(x, "to_local") else x    # FSDP2: this rank's shard
+                views = lambda get: [local(get(p)).view(-1)[a:b] for p, a, b in pieces]   # slices of one tensor
                 ws, ms, vs = views(lambda p: p), views(lambda p: self.state[p]["exp_avg"]), \
                     views(lambda p: self.state[p]["exp_avg_sq"])
                 flat = lambda xs: torch.cat(xs).float()                                 # (n,) fp32 copies

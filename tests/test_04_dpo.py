@@ -48,13 +48,13 @@ def test_stored_reference_equals_fresh_forward_and_grads_reach_policy_only(tiny,
     pairs = fixed_pairs(toy)
     media = [common.load_media(p["media"], toy / "data") for p in pairs]
     cfg = dpo.Config(batch_size=3)
-    ref = dpo.reference_logps(model, processor, pairs, media, cfg)
+    ref = dpo.reference_logps(dpo.Policy(model), processor, pairs, media, cfg, "cpu")
     assert not ref.requires_grad
     fresh = common.load_model(toy / "base")
-    c, r, _, _ = dpo.pair_logps(fresh, processor, pairs, media, 4096)
+    c, r, _, _ = dpo.pair_logps(dpo.Policy(fresh), processor, pairs, media, 4096, "cpu")
     assert torch.allclose(ref, torch.stack([c, r], 1).detach(), atol=1e-5)
     model.eval()
-    c, r, _, _ = dpo.pair_logps(model, processor, pairs, media, 4096)
+    c, r, _, _ = dpo.pair_logps(dpo.Policy(model), processor, pairs, media, 4096, "cpu")
     loss = dpo.dpo_loss(c, r, ref[:, 0], ref[:, 1])[0].mean()
     assert torch.allclose(loss, torch.tensor(math.log(2)), atol=1e-5)      # policy == reference at start
     loss.backward()
@@ -94,7 +94,7 @@ def test_chosen_nll_term_keeps_the_chosen_likely(toy, tmp_path):
     processor = common.load_processor(toy / "base")
     pairs = fixed_pairs(toy)
     media = [common.load_media(p["media"], toy / "data") for p in pairs]
-    _, _, n_c, _ = dpo.pair_logps(common.load_model(toy / "base"), processor, pairs, media, 4096)
+    _, _, n_c, _ = dpo.pair_logps(dpo.Policy(common.load_model(toy / "base")), processor, pairs, media, 4096, "cpu")
     lengths = [len(processor.tokenizer(p["chosen"] + common.END_OF_TURN, add_special_tokens=False)["input_ids"])
                for p in pairs]
     assert n_c.tolist() == lengths                        # the NLL is per token of the chosen answer

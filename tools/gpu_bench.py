@@ -149,7 +149,7 @@ def bench(shape: str, stage: str, precision: str, ckpt: bool, batch: int, seq_le
             pairs = [{"prompt": exs[2 * i][1], "chosen": exs[2 * i][2], "rejected": exs[2 * i + 1][2]}
                      for i in range(batch)]
             media = [exs[2 * i][0] for i in range(batch)]
-            c, r, n_c, n_r = dpo.pair_logps(model, processor, pairs, media, 10 ** 6)
+            c, r, n_c, n_r = dpo.pair_logps(dpo.Policy(model), processor, pairs, media, 10 ** 6, device)
             losses, _, _ = dpo.dpo_loss(c.float(), r.float(), c.detach().float() - 1, r.detach().float(), 0.1,
                                         n_c=n_c, n_r=n_r)
             loss = losses.mean() - (c / n_c).mean()
