@@ -12,6 +12,7 @@ Generation prompts: candidates come from any text-to-image/video model as a json
 
     python 03_build_pairs.py                                   # toy: toy/base answers, runs/toy/reward judges
     python 03_build_pairs.py --reward CodeGoat24/UnifiedReward-qwen-3b --template paper --judge generate
+    torchrun --nproc_per_node 8 03_build_pairs.py ...          # each GPU takes every 8th chunk of prompts
 """
 from __future__ import annotations
 
@@ -233,15 +234,31 @@ def resume_outputs(out: Path) -> set[str]:
     return done
 
 
+def merge_ranks(out: Path, world: int, order: list[str]) -> None:
+    """Under torchrun each rank wrote its chunks' lines into out/rank{r}/: put them together in out/, in
+    the order of the input prompts, as one process would have written them (each chunk is sampled from
+    a seed of its own, so the lines are the same whichever rank made them)."""
+    position = {pid: i for i, pid in enumerate(order)}
+    for name in ("candidates.jsonl", "pairs.jsonl", "gen_pairs.jsonl", "skipped.jsonl"):
+        rows = [r for k in range(world) for r in common.read_jsonl(out / f"rank{k}" / name)]
+        if name == "skipped.jsonl":   # every rank read the same input files: a bad line is logged once
+            rows = list({json.dumps(r, sort_keys=True): r for r in rows}.values())
+        else:
+            rows.sort(key=lambda r: position[r["id"]])
+        common.write_jsonl(out / name, rows)
+
+
 def main(cfg: Config) -> dict:
     common.from_repository(cfg)
     common.set_seed(cfg.seed)
     device = common.get_device()
+    rank, world = common.init_distributed()   # 0, 1 unless started by torchrun
     out, data = Path(cfg.out_dir), Path(cfg.data_dir)
     common.require(data / "prompts_train.jsonl", "--data-dir", "01_prepare_data.py", hub_ok=False)
     common.require(cfg.reward, "--reward", "02_train_reward.py")
     common.require(cfg.policy, "--policy", "python -m toy.pretrain_base")
-    out = common.output_dir(out)
+    root = common.output_dir(out)
+    out = common.output_dir(root / f"rank{rank}") if world > 1 else root   # this rank's lines
     cand_path = out / "candidates.jsonl"
     if cfg.resume:
         if not cand_path.exists():
@@ -263,7 +280,7 @@ def main(cfg: Config) -> dict:
     # was never stopped (a batch's samples depend on the whole batch and on the random state).
     prompts = common.read_jsonl(data / "prompts_train.jsonl", skips)
     for c in range(0, len(prompts), cfg.chunk):
-        if all(p["id"] in done for p in prompts[c:c + cfg.chunk]):
+        if (c // cfg.chunk) % world != rank or all(p["id"] in done for p in prompts[c:c + cfg.chunk]):
             continue
         chunk, media = [], []
         for p in prompts[c:c + cfg.chunk]:
@@ -293,8 +310,11 @@ def main(cfg: Config) -> dict:
 
     # --- generation: candidates from a generator, the judge ranks and sifts -------------------------
     gen_path = data / "gen_candidates.jsonl"
-    gen_rows = [g for g in common.read_jsonl(gen_path, skips) if g["id"] not in done] if gen_path.exists() else []
+    gen_all = common.read_jsonl(gen_path, skips) if gen_path.exists() else []
+    gen_rows = [g for g in gen_all if g["id"] not in done]
     for c in range(0, len(gen_rows), cfg.chunk):
+        if (c // cfg.chunk) % world != rank:
+            continue
         chunk, media = [], []
         for g in gen_rows[c:c + cfg.chunk]:
             if len(g.get("media", [])) < 2:
@@ -318,8 +338,16 @@ def main(cfg: Config) -> dict:
                                             "pair_first_wins": wins, "scores": scores, "expected": expected,
                                             "truth_score": truth, "chosen": ch, "rejected": rj})
 
-    report = summarize(cfg, out, judge, skips)
-    common.write_jsonl(out / "report.jsonl", [report])
+    if world > 1:   # rank 0 puts the ranks' lines together and reports on them
+        common.barrier()
+        totals = common.all_sum([judge.judgments, judge.seconds / world, judge.unparsed, judge.too_long])
+        judge.judgments, judge.seconds, judge.unparsed, judge.too_long = int(totals[0]), totals[1], *map(int, totals[2:])
+        if rank > 0:
+            return {}
+        merge_ranks(root, world, [p["id"] for p in prompts] + [g["id"] for g in gen_all])
+        skips = common.SkipLog(root / "skipped.jsonl", resume=True)
+    report = summarize(cfg, root, judge, skips)
+    common.write_jsonl(root / "report.jsonl", [report])
     return report
 
 

@@ -61,3 +61,19 @@ def test_two_ranks_align_the_policy_like_one_process(toy, tmp_path):
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-2 * moved
     log = lambda out: [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["heldout"]["loss"] for r in log(one)] == pytest.approx([r["heldout"]["loss"] for r in log(two)], rel=1e-4)
+
+
+def test_two_ranks_build_the_pairs_of_one_process(toy, tmp_path):
+    """03 under torchrun: each rank takes every other chunk; rank 0 merges the ranks' lines into the
+    files one process writes, line for line (each chunk is sampled from a seed of its own)."""
+    args = ["--data-dir", str(toy / "data"), "--policy", str(toy / "base"), "--reward", str(toy / "base"),
+            "--n-samples", "4", "--max-new-tokens", "8", "--chunk", "2"]
+    build = stage("03_build_pairs")
+    one = tmp_path / "one"
+    build.main(common.parse_config(build.Config, args + ["--out-dir", str(one)]))
+    two = torchrun("03_build_pairs.py", args, tmp_path / "two")
+    for name in ("candidates.jsonl", "pairs.jsonl", "gen_pairs.jsonl"):
+        a, b = common.read_jsonl(one / name), common.read_jsonl(two / name)
+        assert a == b and (a or name == "pairs.jsonl")
+    assert len(common.read_jsonl(two / "rank1" / "candidates.jsonl")) > 0   # the second rank did its share
+    assert len(common.read_jsonl(one / "candidates.jsonl")) == 12
