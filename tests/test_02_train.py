@@ -235,3 +235,23 @@ def test_the_cache_turns_itself_off_when_the_set_would_not_fit(toy, tmp_path, ca
     assert not small.caching and not small.cache and small.projected_gb > 1e-6
     assert roomy.caching and len(roomy.cache) == 80 and roomy.projected_gb < 8
     assert "cache off: 96 encoded examples would take" in capsys.readouterr().out
+
+
+def test_loader_workers_and_resume_draw_the_same_batches(toy, tmp_path):
+    """Batches fed by two DataLoader workers (running ahead of training) equal those of the main process
+    alone, and a checkpointed state resumes the draws where training had consumed them."""
+    recs = common.read_jsonl(toy / "data" / "reward_train.jsonl")[:12]
+    data = small_data(toy, tmp_path, recs)
+    processor = common.load_processor(toy / "base")
+    skips = common.SkipLog(tmp_path / "skipped.jsonl")
+    make = lambda workers: train.Batches(recs, processor, config(toy, tmp_path, data, batch_size=4, workers=workers,
+                                                                 cache_gb=0), skips, seed=0)
+    alone, loaded = make(0), make(2)
+    first = [alone.next()[0]["input_ids"] for _ in range(6)]
+    ahead = [loaded.next()[0]["input_ids"] for _ in range(3)]
+    state = loaded.state()
+    resumed = make(2)
+    resumed.load_state(state)
+    ahead += [resumed.next()[0]["input_ids"] for _ in range(3)]
+    assert all(torch.equal(a, b) for a, b in zip(first, ahead))
+    assert not torch.equal(first[0], first[1])
