@@ -90,7 +90,7 @@ def model_flops(model, batch, answer_tokens: int, tower_patches: int, trained_to
 
 
 def bench(shape: str, stage: str, precision: str, ckpt: bool, batch: int, seq_len: int, steps: int, tiny: bool,
-          phases: bool = False, profile: str = ""):
+          phases: bool = False, profile: str = "", compile_layers: bool = False):
     device = common.get_device()
     sizes = SHAPES[shape]
     processor, config = processor_and_config([" ".join(WORDS)] * 20, sizes)
@@ -101,7 +101,7 @@ def bench(shape: str, stage: str, precision: str, ckpt: bool, batch: int, seq_le
         from transformers import AutoModelForImageTextToText
         model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
     build_s = time.time() - t
-    common.prepare_for_training(model, ckpt)
+    common.prepare_for_training(model, ckpt, compile_layers)
     if stage == "02":
         model.model.visual.requires_grad_(False)
         if device == "cuda":
@@ -184,7 +184,7 @@ def bench(shape: str, stage: str, precision: str, ckpt: bool, batch: int, seq_le
         Path(profile).write_text(prof.key_averages().table(
             sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=40))
     sec = statistics.median(times)
-    row = dict(shape=shape, stage=stage, precision=precision, grad_checkpointing=ckpt, batch=batch,
+    row = dict(shape=shape, stage=stage, precision=precision, grad_checkpointing=ckpt, batch=batch, compiled=compile_layers,
                tokens_per_step=tokens, trained_params_b=round(n_params / 1e9, 2),
                bytes_per_param=common.BYTES_PER_PARAM[precision], build_s=round(build_s, 1),
                step_s=round(sec, 3), tokens_per_s=round(tokens / sec), tflops=round(flops / sec / 1e12, 1),
@@ -224,12 +224,14 @@ def main():
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    # (shape, stage, precision, activation checkpointing, sequences or pairs per step)
-    runs = [("3B", "02", "fp32", True, 4), ("3B", "02", "bf16", True, 4), ("3B", "02", "bf16", False, 4),
-            ("3B", "04", "bf16", True, 2), ("7B", "02", "bf16", True, 1), ("7B", "02", "bf16", True, 4),
-            ("7B", "04", "bf16", True, 1), ("7B", "02", "fp32", True, 1)]
+    # (shape, stage, precision, activation checkpointing, sequences or pairs per step, compiled decoder layers)
+    runs = [("3B", "02", "fp32", True, 4, False), ("3B", "02", "bf16", True, 4, False),
+            ("3B", "02", "bf16", False, 4, False), ("3B", "04", "bf16", True, 2, False),
+            ("7B", "02", "bf16", True, 1, False), ("7B", "02", "bf16", True, 4, False),
+            ("7B", "04", "bf16", True, 1, False), ("7B", "02", "fp32", True, 1, False),
+            ("3B", "02", "bf16", True, 4, True), ("7B", "02", "bf16", True, 4, True)]
     if a.tiny:
-        runs = [("tiny", *r[1:]) for r in runs[:4]]
+        runs = [("tiny", *r[1:]) for r in runs[:4] + runs[8:9]]
     if a.only:
         runs = [runs[int(i)] for i in a.only.split(",")]
     info = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
@@ -240,10 +242,10 @@ def main():
     rows = []
     for r in runs:
         try:
-            row = bench(*r[:4], r[4], a.seq_len, a.steps, a.tiny, a.phases,
-                        str(out / f"profile_{'_'.join(map(str, r))}.txt") if a.profile else "")
+            row = bench(*r[:5], a.seq_len, a.steps, a.tiny, a.phases,
+                        str(out / f"profile_{'_'.join(map(str, r))}.txt") if a.profile else "", r[5])
         except Exception as e:   # an out-of-memory configuration is a result too
-            row = dict(zip(("shape", "stage", "precision", "grad_checkpointing", "batch"), r),
+            row = dict(zip(("shape", "stage", "precision", "grad_checkpointing", "batch", "compiled"), r),
                        error=f"{type(e).__name__}: {str(e)[:300]}")
             if not isinstance(e, torch.OutOfMemoryError):
                 traceback.print_exc()
@@ -252,14 +254,14 @@ def main():
         rows.append(row)
         print(json.dumps(row), flush=True)
         (out / "gpu_bench.json").write_text(json.dumps({"info": info, "runs": rows}, indent=1))
-    print("| shape | stage | precision | checkpointing | seqs x tokens | tokens/s | MFU | peak GB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| shape | stage | precision | checkpointing | compiled | seqs x tokens | tokens/s | MFU | peak GB |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['shape']} | {r['stage']} | {r['precision']} | {r['grad_checkpointing']} | {r['batch']} | "
-                  f"{r['error'][:60]} | | |")
+            print(f"| {r['shape']} | {r['stage']} | {r['precision']} | {r['grad_checkpointing']} | {r['compiled']} | "
+                  f"{r['batch']} | {r['error'][:60]} | | |")
         else:
-            print(f"| {r['shape']} | {r['stage']} | {r['precision']} | {r['grad_checkpointing']} | {r['batch']} x "
+            print(f"| {r['shape']} | {r['stage']} | {r['precision']} | {r['grad_checkpointing']} | {r['compiled']} | {r['batch']} x "
                   f"{a.seq_len} | {r['tokens_per_s']} | {100 * r['mfu']:.1f}% | {r.get('peak_alloc_gb', '-')} |")
 
 
