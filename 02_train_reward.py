@@ -57,6 +57,8 @@ class Config:
     eval_size: int = 32               # test records per task and kind in periodic evals (0 = all; the final one uses all)
     seed: int = 0                     # seeds data order and initialisation of anything random
     resume: bool = False              # continue from the checkpoint in out_dir
+    length_groups: int = 1            # micro-batches drawn together and regrouped by length into as many batches of
+                                      # about equal padded tokens (1 = as drawn); see length_groups()
     workers: int = 0                  # DataLoader processes reading media and running the processor beside training:
                                       # several on a GPU machine; on the toy (2 cores, every example cached after the
                                       # first epoch) 2 made the first 400 steps slower (55 s vs 48 s), same weights
@@ -202,6 +204,39 @@ class Encoder(torch.utils.data.Dataset):
         return encode_records(self.records, keys, self.processor, self.cfg)
 
 
+def length_groups(lengths: list[int], k: int, rng: random.Random) -> list[list[int]]:
+    """Indices into lengths (n,) in k micro-batches of similar lengths and about equal padded tokens.
+
+    A collated micro-batch costs size x its longest member in compute and memory; k random micro-batches
+    of a mixed set pad a short verdict to the longest critique beside it. Sorted by length and cut where
+    size x longest would pass a budget, the smallest budget that needs at most k cuts, the groups pad
+    little and cost about the same (many short examples or few long ones). Groups come out in a shuffled
+    order (no short-to-long curriculum); fewer than k examples leave some groups empty."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+
+    def pack(budget):
+        groups, cur = [], []
+        for i in order:   # ascending: the newest member is the longest
+            if cur and (len(cur) + 1) * lengths[i] > budget:
+                groups.append(cur)
+                cur = []
+            cur.append(i)
+        return groups + [cur] * bool(cur)
+
+    lo, hi = max(lengths, default=0), max(lengths, default=0) * len(lengths)
+    while lo < hi:    # the smallest budget that packs into <= k groups
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if len(pack(mid)) <= k else (mid + 1, hi)
+    groups = pack(lo)
+    while len(groups) < k and any(len(g) > 1 for g in groups):   # use all k: halve the costliest
+        g = max((g for g in groups if len(g) > 1), key=lambda g: len(g) * lengths[g[-1]])
+        at = groups.index(g)
+        groups[at:at + 1] = [g[:len(g) // 2], g[len(g) // 2:]]
+    groups += [[] for _ in range(k - len(groups))]
+    rng.shuffle(groups)
+    return groups
+
+
 class Batches:
     """Endless shuffled micro-batches of encoded examples, fed by a DataLoader whose workers read media
     and run the processor while the model trains.
@@ -212,7 +247,9 @@ class Batches:
     memory (`fits_in_memory`), each example is kept after its first encoding and later epochs need no
     workers at all. Given the model whose vision tower is frozen (`frozen`), examples carry that tower's
     output instead of pixels, computed here in the main process on the GPU. Under torchrun every rank
-    draws the same global batches and encodes only its share of each (every world-th draw)."""
+    draws the same global batches and encodes only its share of each (every world-th draw). With
+    cfg.length_groups = k > 1, k micro-batches are drawn and encoded together and handed out regrouped
+    by length (length_groups); each rank regroups its own share into k."""
 
     def __init__(self, records, processor, cfg, skips, seed, frozen=None, device="cpu", rank=0, world=1):
         self.records, self.processor, self.cfg, self.skips = records, processor, cfg, skips
@@ -226,16 +263,18 @@ class Batches:
         self.pending = collections.deque()  # per micro-batch the loader has been asked for: (its draws, state)
         self.consumed = self._drawn()       # the draw state after the last micro-batch handed to training
         self.loader = None
+        self.seed, self.groups = seed, []   # the window's regrouped micro-batches not yet handed out
 
-    def _drawn(self) -> dict:
-        return {"rng": self.rng.getstate(), "order": list(self.order), "pos": self.pos}
+    def _drawn(self, taken: int = 0) -> dict:
+        return {"rng": self.rng.getstate(), "order": list(self.order), "pos": self.pos, "taken": taken}
 
     def state(self) -> dict:
-        """What a checkpoint keeps: the draws as training has consumed them (the loader runs ahead)."""
+        """What a checkpoint keeps: the draws as training has consumed them (the loader runs ahead). In
+        the middle of a window of length groups: the state before the window and the groups taken."""
         return {**self.consumed, "bad": sorted(self.bad)}
 
     def load_state(self, s: dict) -> None:
-        self.consumed = {k: s[k] for k in ("rng", "order", "pos")}
+        self.consumed = {k: s[k] for k in ("rng", "order", "pos", "taken")}
         self.bad, self.loader = set(s["bad"]), None
 
     def _next_record(self) -> int:
@@ -288,9 +327,38 @@ class Batches:
             self.rng.setstate(self.consumed["rng"])
             self.order, self.pos = list(self.consumed["order"]), self.consumed["pos"]
             self.pending.clear()
-            self.loader = self._loader()
+            self.loader, self.groups = self._loader(), []
+            taken = self.consumed["taken"]
+            if taken:                      # resumed inside a window: form it again, pass what was taken
+                self._regroup()
+                self.groups = self.groups[taken:]
+                self.consumed["taken"] = taken
+        if self.cfg.length_groups == 1:
+            picks, self.consumed = self._take()
+        else:
+            if not self.groups:
+                self._regroup()
+            picks = self.groups.pop(0)
+            self.consumed = {**self.consumed, "taken": self.cfg.length_groups - len(self.groups)}
+            if not self.groups:            # window used up: the draws after it
+                self.consumed = self.window_end
+        return self._collate(picks)
+
+    def _regroup(self) -> None:
+        """Take cfg.length_groups micro-batches of draws and cut them anew by length."""
+        start = self.consumed
+        picks = [p for _ in range(self.cfg.length_groups) for p in self._take()[0]]
+        _, self.window_end = self.pending_state
+        lengths = [int(e["input_ids"].shape[0]) for _, (e, _) in picks]
+        rng = random.Random(f"{self.seed}:{[k for k, _ in picks]}")
+        self.groups = [[picks[i] for i in g] for g in length_groups(lengths, self.cfg.length_groups, rng)]
+        self.consumed = {**start, "taken": 0}
+
+    def _take(self):
+        """-> ([(record index, (encoded example, decisive))], the draw state after them): the next
+        micro-batch's examples from the loader (or the cache); bad ones dropped and logged."""
         got = {k: (e, d, err) for k, e, d, err in next(self.loader)}
-        mine, self.consumed = self.pending.popleft()
+        mine, after = self.pending_state = self.pending.popleft()
         missing = [k for k in mine if k not in got and k not in self.cache and k not in self.bad]
         for k, e, d, err in encode_records(self.records, missing, self.processor, self.cfg):
             got[k] = (e, d, err)           # dropped from the cache after the loader was asked: rare
@@ -305,6 +373,9 @@ class Batches:
             elif k in got:
                 self.bad.add(k)
                 self.skips.add(Path(self.cfg.data_dir) / "reward_train.jsonl", self.records[k]["id"], got[k][2])
+        return picks, after
+
+    def _collate(self, picks):
         encs = [e for _, (e, _) in picks]
         if self.frozen is not None:
             common.visual_tokens(self.frozen, encs, self.device)
@@ -510,7 +581,7 @@ def main(cfg: Config) -> dict:
         saved = step
 
     model.train()
-    t0, seen, tokens, final = time.time(), 0, 0, None
+    t0, seen, tokens, padded, final = time.time(), 0, 0, 0, None
     bar = tqdm(total=cfg.steps, initial=step, desc="judge", dynamic_ncols=True, mininterval=2, disable=rank > 0)
     while step < cfg.steps:
         for group in optimizer.param_groups:
@@ -528,6 +599,7 @@ def main(cfg: Config) -> dict:
             (loss / cfg.grad_accum).backward()
             seen += len(kinds)
             tokens += int(batch["attention_mask"].sum())
+            padded += batch["attention_mask"].numel()
             value = common.all_sum([loss.item()])[0] / world   # under torchrun the global batch's loss
             for k, v in {"loss": value, **stats}.items():
                 stats_sum[k] = stats_sum.get(k, 0.0) + v / cfg.grad_accum
@@ -549,7 +621,8 @@ def main(cfg: Config) -> dict:
             metrics = evaluate(test if step == cfg.steps else evalset, judge_model)
             final = (metrics, judge_model) if step == cfg.steps else None
             row = {"step": step, "time_s": round(time.time() - t0, 1), "examples": seen, **stats_sum,
-                   "tokens_per_s": round(tokens / (time.time() - t0)), "lr": optimizer.param_groups[0]["lr"],
+                   "tokens_per_s": round(tokens / (time.time() - t0)), "pad_share": round(1 - tokens / padded, 3),
+                   "lr": optimizer.param_groups[0]["lr"],
                    "peak_gpu_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,
                    "eval": metrics}
             common.append_jsonl(out / "log.jsonl", row)

@@ -255,3 +255,48 @@ def test_loader_workers_and_resume_draw_the_same_batches(toy, tmp_path):
     ahead += [resumed.next()[0]["input_ids"] for _ in range(3)]
     assert all(torch.equal(a, b) for a, b in zip(first, ahead))
     assert not torch.equal(first[0], first[1])
+
+
+def test_length_groups_cut_sorted_runs_of_about_equal_cost():
+    import random
+    # by hand: budget 8 packs [1 1 1 1] (cost 4) and [4 4] (cost 8); budget 7 would need three groups
+    groups = train.length_groups([4, 1, 1, 4, 1, 1], 2, random.Random(0))
+    assert sorted(sorted(g) for g in groups) == [[0, 3], [1, 2, 4, 5]]
+    rng = random.Random(1)
+    lengths = [rng.choice([60, 70, 200, 220, 900]) + rng.randrange(10) for _ in range(64)]
+    groups = train.length_groups(lengths, 8, random.Random(0))
+    assert len(groups) == 8 and sorted(i for g in groups for i in g) == list(range(64))
+    spans = sorted((min(lengths[i] for i in g), max(lengths[i] for i in g)) for g in groups)
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))      # runs of the sorted lengths
+    cost = lambda gs: [len(g) * max(lengths[i] for i in g) for g in gs]
+    drawn = [list(range(j, j + 8)) for j in range(0, 64, 8)]           # micro-batches as drawn
+    assert sum(cost(groups)) < 0.7 * sum(cost(drawn)) and max(cost(groups)) <= max(cost(drawn))
+    assert len(train.length_groups([5, 5], 4, random.Random(0))) == 4   # fewer examples than groups: some empty
+
+
+def test_length_grouped_batches_cover_each_draw_once_and_resume_inside_a_window(toy, tmp_path):
+    recs = common.read_jsonl(toy / "data" / "reward_train.jsonl")[:16]
+    data = small_data(toy, tmp_path, recs)
+    processor = common.load_processor(toy / "base")
+    skips = common.SkipLog(tmp_path / "skipped.jsonl")
+    make = lambda k: train.Batches(recs, processor, config(toy, tmp_path, data, batch_size=4, length_groups=k),
+                                   skips, seed=0)
+    plain, grouped = make(1), make(4)
+    pads = {}
+    for name, b in (("plain", plain), ("grouped", grouped)):
+        rows = [b.next()[0] for _ in range(4)]                          # one epoch: 16 draws
+        assert sum(len(r["input_ids"]) for r in rows) == 16
+        pads[name] = sum(int((r["attention_mask"] == 0).sum()) for r in rows)
+        ids = sorted(tuple(x[m].tolist()) for r in rows for x, m in zip(r["input_ids"], r["attention_mask"].bool()))
+        pads[name + " ids"] = ids
+    assert pads["plain ids"] == pads["grouped ids"]                    # the same examples, regrouped
+    assert pads["grouped"] < pads["plain"]
+    first = [grouped.next()[0]["input_ids"] for _ in range(4)]         # the second epoch's window
+    again = make(4)
+    for _ in range(5):
+        again.next()
+    state = again.state()                                              # one group into the second window
+    assert state["taken"] == 1
+    resumed = make(4)
+    resumed.load_state(state)
+    assert all(torch.equal(a, resumed.next()[0]["input_ids"]) for a in first[1:])
