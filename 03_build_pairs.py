@@ -17,15 +17,19 @@ Generation prompts: candidates come from any text-to-image/video model as a json
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
+import os
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
 import common
+import diffusion
 
 
 @dataclasses.dataclass
@@ -49,6 +53,13 @@ class Config:
                                        # for short, 262,144 for paper)
     frame_pixels: int = 0              # pixels a video frame is resized down to at most (0: by template: the
                                        # checkpoint's own for short, 16,384 for paper)
+    image_generator: str = "toy/generator_image"  # samples the picture candidates: any diffusers text-to-image folder
+                                       # or hub id ("" = the candidates listed in gen_candidates.jsonl)
+    video_generator: str = ""          # an AnimateDiff-style folder for clips ("" = the listed candidates: no toy
+                                       # clip generator ships yet)
+    gen_steps: int = 20                # denoising steps per sample (DDIM)
+    guidance: float = 3.0              # classifier-free guidance weight
+    gen_px: int = 64                   # saved pictures are upscaled (nearest) to this size, the toy media's (0 = as sampled)
     seed: int = 0                      # sampling seed
     resume: bool = False               # continue an interrupted run: skip prompts already in candidates.jsonl
                                        # (without it, a run starts again and empties the outputs)
@@ -184,7 +195,51 @@ def judge_prompts(judge, items, cfg) -> list[tuple]:
 
 
 # ---------------------------------------------------------------------------------------------
+# generation: N samples of each caption from a diffusers generator (paper section III-D)
+
+def sample_candidates(gen, rows, cfg, data: Path, out: Path, skips, gen_path) -> list[tuple[dict, list[str]]]:
+    """Draw cfg.n_samples candidates for each row's caption with diffusion.sample (the reverse-diffusion
+    loop: scheduler timesteps -> UNet with and without the caption -> scheduler.step), seeded by the
+    row's id and the sample's index, so a resumed run draws the same ones; each is written as it is
+    made (out/samples/<id>_<k>.png or .mp4) and a file already there is kept. A caption the generator's
+    tokenizer cannot encode is skipped and counted. Returns (row, media paths relative to data)."""
+    done = []
+    for g in rows:
+        why = diffusion.check_caption(gen, g["prompt"])
+        if why:
+            skips.add(gen_path, g["id"], why)
+            continue
+        suffix = "png" if gen.medium == "image" else "mp4"
+        paths = [out / "samples" / f"{g['id']}_{k}.{suffix}" for k in range(cfg.n_samples)]
+        todo = [k for k, path in enumerate(paths) if not path.exists()]
+        if todo:
+            base = cfg.seed * 1_000_003 + int(hashlib.sha256(g["id"].encode()).hexdigest()[:8], 16)
+            pixels = diffusion.sample(gen, [g["prompt"]] * len(todo), [base + k for k in todo], cfg.gen_steps,
+                                      cfg.guidance, px=cfg.gen_px or None)
+            paths[0].parent.mkdir(parents=True, exist_ok=True)
+            for k, px in zip(todo, pixels):
+                if gen.medium == "image":
+                    Image.fromarray(px).save(paths[k])
+                else:
+                    from toy.world import write_mp4   # PyAV, the clip writer the toy world uses
+                    write_mp4(px, paths[k])
+        done.append((g, [os.path.relpath(path, data) for path in paths]))
+    return done
+
+
+# ---------------------------------------------------------------------------------------------
 # ground truth of the toy world, for pair precision
+
+def read_truth(row: dict, media: list) -> list[int] | None:
+    """How many caption attributes each sampled candidate shows, read from its pixels by the toy's
+    ground-truth reader (toy/reader.py); None for prompts outside the toy world (no "scene")."""
+    if "scene" not in row:
+        return None
+    from toy import reader
+    medium = row["task"].split("_")[0]
+    return [sum(reader.caption_right(medium, row["scene"], np.asarray(m) if medium == "image"
+                                     else np.stack(m.frames)).values()) for m in media]
+
 
 def n_right(answer: str, prompt_row: dict) -> int | None:
     """How many asked attributes a policy answer gets right ("red, top"); None without truth."""
@@ -312,11 +367,25 @@ def main(cfg: Config) -> dict:
     gen_path = data / "gen_candidates.jsonl"
     gen_all = common.read_jsonl(gen_path, skips) if gen_path.exists() else []
     gen_rows = [g for g in gen_all if g["id"] not in done]
+    generators, sample_seconds = {}, [0.0]
+    for task, source in (("image_generation", cfg.image_generator), ("video_generation", cfg.video_generator)):
+        if source:
+            common.require(source, f"--{task.split('_')[0]}-generator",
+                           f"python -m toy.pretrain_generator --medium {task.split('_')[0]}")
+            generators[task] = diffusion.load_generator(source, device)
     for c in range(0, len(gen_rows), cfg.chunk):
         if (c // cfg.chunk) % world != rank:
             continue
-        chunk, media = [], []
-        for g in gen_rows[c:c + cfg.chunk]:
+        chunk, media, rows = [], [], gen_rows[c:c + cfg.chunk]
+        sampled = [r for r in rows if r["task"] in generators]
+        for task, gen in generators.items():   # sampled candidates replace the listed ones
+            t = time.time()
+            made = dict((g["id"], m) for g, m in sample_candidates(gen, [r for r in sampled if r["task"] == task],
+                                                                   cfg, data, root, skips, gen_path))
+            sample_seconds[0] += time.time() - t
+            rows = [dict(r, media=made[r["id"]], truth=None, sampled=True) if r["id"] in made else r
+                    for r in rows if r["task"] != task or r["id"] in made]
+        for g in rows:
             if len(g.get("media", [])) < 2:
                 skips.add(gen_path, g.get("id"), f"fewer than two candidates ({len(g.get('media', []))})")
                 continue
@@ -326,14 +395,16 @@ def main(cfg: Config) -> dict:
             except common.MediaError as e:
                 skips.add(gen_path, g["id"], f"unreadable candidate: {e}")
         judged = judge_prompts(judge, [(g["task"], g["prompt"], m, None) for g, m in zip(chunk, media)], cfg)
-        for g, ((ch, rj, cl, rl), wins, scores, expected) in zip(chunk, judged):
-            truth = g.get("truth")
+        for g, m, ((ch, rj, cl, rl), wins, scores, expected) in zip(chunk, media, judged):
+            truth = g.get("truth") or (read_truth(g, m) if g.get("sampled") else None)
             if ch is not None:
                 key = "jpg" if g["task"] == "image_generation" else "mp4"
                 common.append_jsonl(out / "gen_pairs.jsonl", {
                     "id": g["id"], "task": g["task"], "caption": g["prompt"], f"{key}_0": g["media"][ch],
                     f"{key}_1": g["media"][rj], "label_0": 1, "chosen_score": scores[ch], "rejected_score": scores[rj],
-                    "truly_better": None if truth is None else truth[ch] > truth[rj]})
+                    # a sampled pair whose candidates show as many caption attributes is not ordered by the reader
+                    "truly_better": None if truth is None or (g.get("sampled") and truth[ch] == truth[rj])
+                    else truth[ch] > truth[rj]})
             common.append_jsonl(cand_path, {"id": g["id"], "task": g["task"], "samples": g["media"],
                                             "pair_first_wins": wins, "scores": scores, "expected": expected,
                                             "truth_score": truth, "chosen": ch, "rejected": rj})
@@ -347,6 +418,9 @@ def main(cfg: Config) -> dict:
         merge_ranks(root, world, [p["id"] for p in prompts] + [g["id"] for g in gen_all])
         skips = common.SkipLog(root / "skipped.jsonl", resume=True)
     report = summarize(cfg, root, judge, skips)
+    report["sampling_generators_s"] = round(sample_seconds[0], 1)
+    if generators:
+        print(f"sampling the generation candidates took {sample_seconds[0]:.0f}s")
     common.write_jsonl(root / "report.jsonl", [report])
     return report
 
@@ -363,7 +437,7 @@ def summarize(cfg, out, judge, skips) -> dict:
         report["tasks"][task] = {
             "prompts": len(cs), "kept": len(ps), "dropped": len(cs) - len(ps),
             "duplicate_samples": sum(len(c["samples"]) - c.get("distinct", len(c["samples"])) for c in cs),
-            "pair_precision": sum(known) / len(known) if known else None}
+            "pair_precision": sum(known) / len(known) if known else None, "pairs_with_truth": len(known)}
     report["judgments_per_s"] = judge.judgments / max(judge.seconds, 1e-9)
     report["unparsed_verdicts"] = judge.unparsed
     report["too_long_to_judge"] = judge.too_long
@@ -371,7 +445,7 @@ def summarize(cfg, out, judge, skips) -> dict:
     for task, m in report["tasks"].items():
         prec = "-" if m["pair_precision"] is None else f"{100 * m['pair_precision']:.1f}%"
         print(f"{task}: kept {m['kept']}/{m['prompts']} prompts (dropped {m['dropped']}), "
-              f"{m['duplicate_samples']} duplicate samples, pair precision {prec}")
+              f"{m['duplicate_samples']} duplicate samples, pair precision {prec} (of {m['pairs_with_truth']})")
     print(f"{report['judgments_per_s']:.1f} judgments/s ({cfg.judge}); unparsed verdicts {judge.unparsed}; "
           f"too long to judge {judge.too_long}; {skips.summary()}")
     contact_sheet([{"chosen_media": p.get("jpg_0") or p.get("mp4_0"), "rejected_media": p.get("jpg_1") or p.get("mp4_1"),

@@ -18,20 +18,28 @@ Added to it, with weight `sft_weight`: the chosen answer's negative log-likeliho
 likelihoods fall as long as their gap widens: plain DPO took the toy policy's answers from 89% to 63%
 right on pictures, with doubled words ("yellowyellow, large").
 
+The generators are aligned on the judge's generation pairs with Diffusion-DPO (Wallace et al. 2023),
+the same objective with the likelihood replaced by the denoising error (see diffusion_dpo_loss); the
+paper does this for SDXL-Turbo and T2V-Turbo (section III-D, Tables VI-VII).
+
     python 04_dpo.py                      # toy: toy/base + runs/toy/pairs/pairs.jsonl -> runs/toy/policy
+                                          #  and toy/generator_image + gen_pairs.jsonl -> runs/toy/generator_image
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import random
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 import common
+import diffusion
 
 
 @dataclasses.dataclass
@@ -61,6 +69,17 @@ class Config:
     precision: str = "fp32"                        # fp32: fp32 weights and AdamW, bf16 math on CUDA (16 bytes per trained
                                                    # parameter); bf16: bf16 weights and moments, stochastically rounded AdamW16
                                                    # (8 bytes: a 7B judge fits one 80 GB GPU)
+    policy_part: bool = True                       # align the policy on pairs.jsonl
+    # --- Diffusion-DPO of the generators on gen_pairs.jsonl (a task is trained when its generator is given)
+    gen_pairs: str = "runs/toy/pairs/gen_pairs.jsonl"
+    image_generator: str = "toy/generator_image"  # diffusers folder or hub id ("" = skip picture generation)
+    video_generator: str = ""                     # an AnimateDiff-style folder ("" = skip: no toy clip generator ships)
+    gen_out: str = "runs/toy/generator"            # written as <gen_out>_image/, <gen_out>_video/
+    gen_beta: float = 5000.0                       # Diffusion-DPO's beta (the paper's 5000, as Wallace et al.'s SDXL run)
+    gen_steps: int = 300                           # optimizer steps per generator
+    gen_batch: int = 16                            # pairs per micro-batch
+    gen_accum: int = 1                             # micro-batches per optimizer step
+    gen_lr: float = 1e-4                           # AdamW peak learning rate (tiny UNet; Wallace et al.: 1e-8 x batch 2048 for SDXL)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,8 +170,141 @@ def reference_logps(policy, processor, pairs, media, cfg, device, rank=0, world=
     return torch.cat(common.shard_map(one, list(range(0, len(pairs), cfg.batch_size)), rank, world))
 
 
+# ---------------------------------------------------------------------------------------------
+# Diffusion-DPO for the generators, from scratch
+
+def diffusion_dpo_loss(mse_w, mse_l, ref_w, ref_l, beta):
+    """Per-pair Diffusion-DPO loss (Wallace et al. 2023, eq. 14, with the timestep weighting folded
+    into beta as their code does) and whether the policy's implicit reward prefers the chosen one.
+
+    mse_w, mse_l: (B,) ||eps - eps_theta(x_t, t)||^2 of chosen (w) and rejected (l), averaged over every
+                  non-batch dimension (channels, [frames,] height, width)
+    ref_w, ref_l: (B,) the same under the frozen reference
+    A lower denoising error plays a higher log-likelihood: the loss rewards the policy for improving on
+    the reference more on the chosen sample than on the rejected one,
+        loss = -log sigmoid( -beta/2 * [ (mse_w - ref_w) - (mse_l - ref_l) ] ),
+    log 2 when the policy equals the reference. Returns losses (B,), preferred (B,) bool."""
+    inside = -0.5 * beta * ((mse_w - ref_w) - (mse_l - ref_l))
+    return -F.logsigmoid(inside), inside > 0
+
+
+def pair_errors(gen, unet, x_w, x_l, hidden, t, noise, added=None):
+    """Denoising errors of chosen and rejected under `unet`, with the pair's noise and timestep shared
+    (so the difference measures the samples, not the draw). x_w, x_l, noise: (B, C, [F,] H, W); t: (B,);
+    hidden: (B, L, D); added: SDXL's conditions, each (B, ...), or None. Returns mse_w, mse_l: (B,)."""
+    x0, eps, tt = torch.cat([x_w, x_l]), torch.cat([noise, noise]), torch.cat([t, t])
+    added = None if added is None else {k: torch.cat([v, v]) for k, v in added.items()}
+    pred = diffusion.predict_noise(gen, unet, diffusion.add_noise(gen, x0, eps, tt), tt, torch.cat([hidden, hidden]), added)
+    return ((pred.float() - eps) ** 2).mean(dim=tuple(range(1, pred.ndim))).chunk(2)
+
+
+def load_gen_pairs(path: Path, task: str, gen, data_dir, skips) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """The `task` pairs of gen_pairs.jsonl (Diffusion-DPO's layout: caption, jpg_0 = chosen, jpg_1,
+    label_0 = 1; clips mp4_0 / mp4_1) as captions and x0 of chosen and rejected, (N, C, [F,] H, W).
+    A pair with a caption the generator cannot encode or media that do not load is skipped and named."""
+    key = "jpg" if task == "image_generation" else "mp4"
+    captions, wins, loses = [], [], []
+    for p in common.read_jsonl(path, skips):
+        if p.get("task") != task:
+            continue
+        why = diffusion.check_caption(gen, p.get("caption", ""))
+        if why:
+            skips.add(path, p.get("id"), why)
+            continue
+        try:
+            m = common.load_media([p[f"{key}_0"], p[f"{key}_1"]], data_dir)
+        except (common.MediaError, KeyError) as e:
+            skips.add(path, p.get("id"), f"media of the pair: {e}")
+            continue
+        px = [np.asarray(x) if key == "jpg" else np.stack(x.frames) for x in m]
+        if p.get("label_0", 1) == 0:
+            px = px[::-1]
+        captions.append(p["caption"])
+        wins.append(diffusion.to_model_space(gen, px[0][None])[0])
+        loses.append(diffusion.to_model_space(gen, px[1][None])[0])
+    return captions, torch.stack(wins) if wins else None, torch.stack(loses) if loses else None
+
+
+def train_generator(cfg: Config, task: str, source: str, skips) -> dict:
+    """Diffusion-DPO of one generator's UNet on its task's pairs; the text encoder stays frozen, the
+    starting UNet is the frozen reference. Writes <gen_out>_<medium>/ in the generator's own layout."""
+    medium = task.split("_")[0]
+    out = Path(f"{cfg.gen_out}_{medium}")
+    common.require(source, f"--{medium}-generator", f"python -m toy.pretrain_generator --medium {medium}")
+    device = common.get_device()
+    state_path = out / "train_state.pt"
+    resume = cfg.resume and state_path.exists()
+    gen = diffusion.load_generator(out if resume else source, device)
+    reference = diffusion.load_generator(source, device).unet if resume else copy.deepcopy(gen.unet)
+    captions, x_w, x_l = load_gen_pairs(Path(cfg.gen_pairs), task, gen, cfg.data_dir, skips)
+    if x_w is None or len(captions) < 2:
+        raise SystemExit(f"need at least 2 usable {task} pairs in {cfg.gen_pairs}, found {len(captions)}")
+    policy = gen.unet.train().requires_grad_(True)
+    with torch.no_grad():   # the frozen text encoder's conditioning, once per pair
+        encoded = [diffusion.encode_captions(gen, captions[i:i + 64]) for i in range(0, len(captions), 64)]
+    hidden = torch.cat([h for h, _ in encoded])
+    added = None if encoded[0][1] is None else {k: torch.cat([a[k] for _, a in encoded]) for k in encoded[0][1]}
+    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.gen_lr, weight_decay=0.0)
+    step = 0
+    if resume:
+        state = torch.load(state_path, weights_only=True)
+        step = state["step"]
+        opt.load_state_dict(state["optimizer"])
+    n_t = gen.scheduler.config.num_train_timesteps
+    bar = tqdm(total=cfg.gen_steps, initial=step, desc=f"diffusion-dpo {medium}", dynamic_ncols=True, mininterval=2)
+    t0, stats = time.time(), []
+    while step < cfg.gen_steps:
+        for group in opt.param_groups:
+            group["lr"] = common.lr_at(step, cfg.gen_steps, cfg.gen_lr, 10)
+        opt.zero_grad(set_to_none=True)
+        step_losses, step_acc = [], []
+        for k in range(cfg.gen_accum):
+            g = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 64 + k)   # each draw seeded: resumable
+            idx = torch.randperm(len(captions), generator=g)[:cfg.gen_batch]
+            t = torch.randint(0, n_t, (len(idx),), generator=g).to(device)     # one timestep per pair ...
+            noise = torch.randn(x_w[idx].shape, generator=g).to(device)        # ... and one noise, for both
+            w, l, h = x_w[idx].to(device), x_l[idx].to(device), hidden[idx]
+            a = None if added is None else {k: v[idx] for k, v in added.items()}
+            with torch.no_grad():
+                ref_w, ref_l = pair_errors(gen, reference, w, l, h, t, noise, a)
+            with common.autocast(device):
+                mse_w, mse_l = pair_errors(gen, policy, w, l, h, t, noise, a)
+            losses, preferred = diffusion_dpo_loss(mse_w, mse_l, ref_w, ref_l, cfg.gen_beta)
+            loss = losses.mean()
+            if not torch.isfinite(loss):
+                raise common.nonfinite(f"the Diffusion-DPO loss is {loss.item()}", step, out, None)
+            (loss / cfg.gen_accum).backward()
+            step_losses.append(loss.item())
+            step_acc.append(preferred.float().mean().item())
+        norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.clip)
+        if not torch.isfinite(norm):
+            raise common.nonfinite(f"the gradient norm is {norm.item()}", step, out, None)
+        opt.step()
+        step += 1
+        stats.append((float(np.mean(step_losses)), float(np.mean(step_acc))))
+        bar.update(1)
+        bar.set_postfix(loss=f"{np.mean([s[0] for s in stats[-20:]]):.3f}",
+                        acc=f"{np.mean([s[1] for s in stats[-20:]]):.2f}", refresh=False)
+        if step % 50 == 0 or step == cfg.gen_steps:
+            policy.eval()
+            diffusion.save_generator(gen, out, {"step": step, "optimizer": opt.state_dict()})
+            policy.train()
+            common.append_jsonl(out / "log.jsonl", {"step": step, "time_s": round(time.time() - t0, 1),
+                                                    "loss": float(np.mean([s[0] for s in stats[-50:]])),
+                                                    "implicit_acc": float(np.mean([s[1] for s in stats[-50:]]))})
+    bar.close()
+    first, last = stats[:20] or [(np.nan, np.nan)], stats[-20:] or [(np.nan, np.nan)]
+    result = {"pairs": len(captions), "loss_first": float(np.mean([s[0] for s in first])),
+              "loss_last": float(np.mean([s[0] for s in last])), "implicit_acc_last": float(np.mean([s[1] for s in last])),
+              "seconds": round(time.time() - t0, 1)}
+    print(f"{medium} generator: {result} -> {out}")
+    return result
+
+
 def main(cfg: Config) -> dict:
     common.from_repository(cfg)
+    if not cfg.policy_part:
+        return generation_part(cfg)
     common.set_seed(cfg.seed)
     device = common.get_device()
     rank, world = common.init_distributed()   # 0, 1 unless started by torchrun
@@ -273,7 +425,21 @@ def main(cfg: Config) -> dict:
     bar.close()
     final = evaluate()
     say("held-out after:", {k: round(v, 3) for k, v in final.items()}, f"({time.time() - t0:.0f}s); {skips.summary()}")
+    if world == 1:
+        final["generators"] = generation_part(cfg)["generators"]
     return final
+
+
+def generation_part(cfg: Config) -> dict:
+    """Diffusion-DPO of each generator given (--image-generator, --video-generator) on its pairs."""
+    sources = {"image_generation": cfg.image_generator, "video_generation": cfg.video_generator}
+    if not any(sources.values()):
+        return {"generators": {}}
+    common.require(cfg.gen_pairs, "--gen-pairs", "03_build_pairs.py", hub_ok=False)
+    skips = common.SkipLog(Path(cfg.gen_out + "_skipped.jsonl"), resume=cfg.resume)
+    done = {task: train_generator(cfg, task, src, skips) for task, src in sources.items() if src}
+    print(f"generation pairs: {skips.summary()}")
+    return {"generators": done}
 
 
 if __name__ == "__main__":

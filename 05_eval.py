@@ -6,6 +6,9 @@
   2. The policy before and after DPO on held-out questions: ground-truth accuracy with 95% intervals,
      and the judge's win rate of the after-answer over the before-answer.
   3. Pair precision of stage 3's pairs: the share whose chosen is truly better.
+  4. The generators before and after Diffusion-DPO, GenEval-style (Ghosh et al. 2023): samples of every
+     toy caption at fixed seeds read back by toy/reader.py, the accuracy of each caption attribute and of
+     all together with 95% intervals, and the judge's win rate of the after-sample over the before-sample.
 
     python 05_eval.py                     # toy: toy/base and everything under runs/toy -> runs/toy/eval
 """
@@ -20,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 import common
 
@@ -44,6 +48,13 @@ class Config:
     frame_pixels: int = 0                  # pixels a video frame is resized down to at most (0: by template: the
                                            # checkpoint's own for short, 16,384 for paper)
     batch_size: int = 16                   # sequences per forward pass
+    base_image_generator: str = "toy/generator_image"       # the picture generator before Diffusion-DPO
+    image_generator: str = "runs/toy/generator_image"       # ... and after ("" = skip)
+    base_video_generator: str = ""                           # the clip generator before ("" = skip: none ships)
+    video_generator: str = "runs/toy/generator_video"
+    gen_seeds: int = 24                    # samples per caption, at seeds 03 never draws
+    gen_steps: int = 20                    # denoising steps per sample, as 03
+    guidance: float = 3.0                  # classifier-free guidance, as 03
     seed: int = 0
 
     def __post_init__(self):   # max_len, max_pixels, frame_pixels left at 0 take the template's limits
@@ -203,6 +214,45 @@ def pair_precision(cfg) -> dict:
                 t[0] += bool(p["truly_better"])
                 t[1] += 1
     return {task: {"precision": k / n, "pairs": n} for task, (k, n) in out.items()}
+
+
+def evaluate_generators(cfg, device) -> dict:
+    """Each generator before vs after on every caption of the toy world (16 per medium) at cfg.gen_seeds
+    fixed seeds: the toy's captions are all seen in training, so what is held out is the seeds (03
+    seeds its samples by prompt id; these start at 10^9)."""
+    import diffusion
+    from toy import reader, world
+    from toy.pretrain_generator import all_scenes
+    judge = common.load_model(cfg.reward, device).eval()
+    judge_proc = common.load_processor(cfg.reward, cfg.max_pixels, cfg.frame_pixels)
+    out = {}
+    for medium, before, after in (("image", cfg.base_image_generator, cfg.image_generator),
+                                  ("video", cfg.base_video_generator, cfg.video_generator)):
+        if not (before and after):
+            continue
+        scenes = all_scenes(medium)
+        captions = [world.caption(medium, s) for s in scenes for _ in range(cfg.gen_seeds)]
+        seeds = [10 ** 9 + k for _ in scenes for k in range(cfg.gen_seeds)]
+        truth = [s for s in scenes for _ in range(cfg.gen_seeds)]
+        samples, m = {}, {}
+        for name, path in (("before", before), ("after", after)):
+            gen = diffusion.load_generator(path, device)
+            samples[name] = np.concatenate([diffusion.sample(gen, captions[i:i + 64], seeds[i:i + 64], cfg.gen_steps,
+                                                             cfg.guidance, px=world.PX) for i in range(0, len(seeds), 64)])
+            right = [reader.caption_right(medium, t, px) for t, px in zip(truth, samples[name])]
+            m[name] = {}
+            for attr in (*world.CAPTION_ATTRS[medium], "all"):
+                k = sum(all(r.values()) if attr == "all" else r[attr] for r in right)
+                m[name][attr] = {"accuracy": k / len(right), "ci95": wilson(k, len(right)), "n": len(right)}
+        task = f"{medium}_generation"
+        as_media = (lambda px: Image.fromarray(px)) if medium == "image" else (lambda px: common.Video(px, 8.0))   # the toy's 8 fps
+        recs = [{"task": task, "kind": "pairwise", "prompt": c, "responses": []} for c in captions]
+        p = common.judge_pairwise(judge, judge_proc, recs, [[as_media(a), as_media(b)] for a, b in
+                                                             zip(samples["after"], samples["before"])],
+                                  device, cfg.template, batch_size=cfg.batch_size)
+        m["judge_win_rate"] = float((p[:, 0] > p[:, 1]).float().mean())
+        out[task] = m
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,6 +442,15 @@ def to_markdown(results) -> str:
             lines.append(f"| {task} | {pct(b['accuracy'])} [{pct(b['ci95'][0])}, {pct(b['ci95'][1])}] | "
                          f"{pct(a['accuracy'])} [{pct(a['ci95'][0])}, {pct(a['ci95'][1])}] | "
                          f"{pct(m['judge_win_rate'])} of {m['changed_answers']} changed |")
+    if results.get("generators"):
+        lines += ["", "## Generators before vs after Diffusion-DPO (every caption, fixed seeds, read by toy/reader.py)", "",
+                  "| task | attribute | before [95% CI] | after [95% CI] |", "|---|---|---|---|"]
+        for task, m in results["generators"].items():
+            for attr in m["before"]:
+                b, a = m["before"][attr], m["after"][attr]
+                lines.append(f"| {task} | {attr} | {pct(b['accuracy'])} [{pct(b['ci95'][0])}, {pct(b['ci95'][1])}] | "
+                             f"{pct(a['accuracy'])} [{pct(a['ci95'][0])}, {pct(a['ci95'][1])}] |")
+            lines.append(f"| {task} | judge win rate after vs before | | {pct(m['judge_win_rate'])} |")
     if results.get("pair_precision"):
         lines += ["", "## Pair precision of stage 3 (chosen truly better)", "", "| task | precision | pairs |",
                   "|---|---|---|"]
@@ -408,7 +467,9 @@ def main(cfg: Config) -> dict:
         common.require(Path(cfg.data_dir) / "reward_test.jsonl", "--data-dir", "01_prepare_data.py", hub_ok=False)
         for flag, value, stage in (("--base-policy", cfg.base_policy, "python -m toy.pretrain_base"),
                                    ("--policy", cfg.policy, "04_dpo.py"),
-                                   ("--pairs-dir", cfg.pairs_dir, "03_build_pairs.py")):
+                                   ("--pairs-dir", cfg.pairs_dir, "03_build_pairs.py"),
+                                   ("--image-generator", cfg.base_image_generator and cfg.image_generator, "04_dpo.py"),
+                                   ("--video-generator", cfg.base_video_generator and cfg.video_generator, "04_dpo.py")):
             if value:
                 common.require(value, flag, stage)
     out = Path(cfg.out_dir)
@@ -431,6 +492,7 @@ def main(cfg: Config) -> dict:
         results["policy"] = evaluate_policies(cfg, device, skips)
     if cfg.pairs_dir:
         results["pair_precision"] = pair_precision(cfg)
+    results["generators"] = evaluate_generators(cfg, device)
     results["skipped"] = skips.total
     (out / "results.json").write_text(json.dumps(results, indent=1))
     md = to_markdown(results)

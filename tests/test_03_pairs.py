@@ -86,6 +86,15 @@ def test_builds_pairs_and_reports(toy, tmp_path):
         assert p["label_0"] == 1 and ("jpg_0" in p) == (p["task"] == "image_generation")
     tasks = report["tasks"]
     assert sum(t["kept"] + t["dropped"] for t in tasks.values()) == len(cands)
+    # the picture candidates were sampled from the shipped generator, the clips listed; the reader
+    # counted each sample's right caption attributes
+    for c in cands:
+        if c["task"] == "image_generation":
+            assert all((toy / "data" / s).resolve().parent == (out / "samples").resolve() for s in c["samples"])
+            assert all((toy / "data" / s).is_file() for s in c["samples"])
+            assert all(t in (0, 1, 2) for t in c["truth_score"])
+        elif c["task"] == "video_generation":
+            assert all(s.startswith("media/") for s in c["samples"])
     assert (out / "sheet.png").exists() == bool(common.read_jsonl(out / "gen_pairs.jsonl"))
 
 
@@ -132,7 +141,7 @@ def test_keeps_exactly_the_pairs_the_papers_selection_wants(toy, tmp_path, monke
     """With a judge that knows the truth, 03 keeps a prompt exactly when the fixed-pair ranking and the
     strict filter say so, and every kept pair's chosen is truly better, for answers and generated media."""
     monkeypatch.setattr(pairs, "Judge", lambda cfg, device: OracleJudge(Path(cfg.data_dir)))
-    run(toy, tmp_path, n_samples=6, temperature=1.5)
+    run(toy, tmp_path, n_samples=6, temperature=1.5, image_generator="")   # the listed candidates, whose truth it knows
     out = tmp_path / "pairs"
     cands = {c["id"]: c for c in common.read_jsonl(out / "candidates.jsonl")}
     kept = common.read_jsonl(out / "pairs.jsonl")
@@ -172,7 +181,7 @@ def test_resume_and_bad_input(toy, tmp_path):
             dict(gen[0], id="broken", media=gen[0]["media"][:1] + ["media/gone.png"])]
     common.write_jsonl(data / "gen_candidates.jsonl", gen)
     cfg = pairs.Config(data_dir=str(data), policy=str(toy / "base"), reward=str(toy / "base"),
-                       out_dir=str(tmp_path / "pairs"), n_samples=4, max_new_tokens=8)
+                       out_dir=str(tmp_path / "pairs"), n_samples=4, max_new_tokens=8, image_generator="")
     pairs.main(cfg)
     reasons = {json.loads(l)["id"]: json.loads(l)["reason"] for l in (tmp_path / "pairs" / "skipped.jsonl").read_text().splitlines()}
     assert reasons["gone"].startswith("unreadable media") and reasons["broken"].startswith("unreadable candidate")

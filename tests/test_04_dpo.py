@@ -47,7 +47,7 @@ def test_stored_reference_equals_fresh_forward_and_grads_reach_policy_only(tiny,
     model, processor = tiny
     pairs = fixed_pairs(toy)
     media = [common.load_media(p["media"], toy / "data") for p in pairs]
-    cfg = dpo.Config(batch_size=3)
+    cfg = dpo.Config(image_generator="", batch_size=3)
     ref = dpo.reference_logps(dpo.Policy(model), processor, pairs, media, cfg, "cpu")
     assert not ref.requires_grad
     fresh = common.load_model(toy / "base")
@@ -64,7 +64,7 @@ def test_stored_reference_equals_fresh_forward_and_grads_reach_policy_only(tiny,
 
 def test_dpo_steps_raise_the_margin(toy, tmp_path):
     common.write_jsonl(tmp_path / "pairs.jsonl", fixed_pairs(toy) * 3)
-    cfg = dpo.Config(data_dir=str(toy / "data"), pairs=str(tmp_path / "pairs.jsonl"), policy=str(toy / "base"),
+    cfg = dpo.Config(image_generator="", data_dir=str(toy / "data"), pairs=str(tmp_path / "pairs.jsonl"), policy=str(toy / "base"),
                      out_dir=str(tmp_path / "policy"), epochs=4, batch_size=4, lr=1e-3, warmup=1, holdout=0.2,
                      sft_weight=0.0)   # DPO alone: the NLL term by itself also widens the margin
     final = dpo.main(cfg)
@@ -83,7 +83,7 @@ def test_bad_pairs_are_skipped(toy, tmp_path):
     common.write_jsonl(tmp_path / "pairs.jsonl", good + bad)
     processor = common.load_processor(toy / "base")
     skips = common.SkipLog(tmp_path / "skipped.jsonl")
-    cfg = dpo.Config(data_dir=str(toy / "data"), pairs=str(tmp_path / "pairs.jsonl"))
+    cfg = dpo.Config(image_generator="", data_dir=str(toy / "data"), pairs=str(tmp_path / "pairs.jsonl"))
     kept, media = dpo.load_pairs(cfg, processor, skips)
     assert [p["id"] for p in kept] == [p["id"] for p in good] and skips.total == 3
     reasons = {json.loads(l)["id"]: json.loads(l)["reason"] for l in (tmp_path / "skipped.jsonl").read_text().splitlines()}
@@ -101,7 +101,7 @@ def test_chosen_nll_term_keeps_the_chosen_likely(toy, tmp_path):
     common.write_jsonl(tmp_path / "pairs.jsonl", pairs * 3)
     nll = {}
     for w in (0.0, 5.0):
-        cfg = dpo.Config(data_dir=str(toy / "data"), pairs=str(tmp_path / "pairs.jsonl"), policy=str(toy / "base"),
+        cfg = dpo.Config(image_generator="", data_dir=str(toy / "data"), pairs=str(tmp_path / "pairs.jsonl"), policy=str(toy / "base"),
                          out_dir=str(tmp_path / f"policy{w}"), epochs=4, batch_size=4, lr=1e-3, warmup=1,
                          holdout=0.2, sft_weight=w)
         nll[w] = dpo.main(cfg)["nll_chosen"]

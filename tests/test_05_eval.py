@@ -51,7 +51,7 @@ def test_eval_runs_end_to_end(toy, tmp_path):
         for p in after.model.language_model.layers[-1].parameters():
             p.add_(0.05 * torch.randn_like(p))
     common.save_checkpoint(after, common.load_processor(toy / "base"), tmp_path / "after")
-    cfg = ev.Config(data_dir=str(toy / "data"), reward=str(toy / "base"), base_policy=str(toy / "base"),
+    cfg = ev.Config(image_generator="", data_dir=str(toy / "data"), reward=str(toy / "base"), base_policy=str(toy / "base"),
                     policy=str(tmp_path / "after"), pairs_dir="", out_dir=str(tmp_path / "eval"), max_new_tokens=8)
     results = ev.main(cfg)
     assert set(results["judge"]) == set(common.TASKS)

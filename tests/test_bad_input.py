@@ -154,7 +154,7 @@ def test_resume_needs_a_checkpoint_and_keeps_the_earlier_skips(toy, tmp_path):
     assert (tmp_path / "r" / "skipped.jsonl").read_text() == first        # kept, and not logged twice
     (tmp_path / "pairs.jsonl").write_text("")
     with pytest.raises(SystemExit, match="--resume: no checkpoint to resume from"):
-        dpo.main(dpo.Config(data_dir=str(data), pairs=str(tmp_path / "pairs.jsonl"), policy=str(toy / "base"),
+        dpo.main(dpo.Config(image_generator="", data_dir=str(data), pairs=str(tmp_path / "pairs.jsonl"), policy=str(toy / "base"),
                             out_dir=str(tmp_path / "nothing"), resume=True))
     with pytest.raises(SystemExit, match="--resume: nothing to resume"):
         pairs_stage.main(pairs_stage.Config(data_dir=str(toy / "data"), policy=str(toy / "base"),
@@ -203,7 +203,7 @@ def test_held_out_records_too_long_are_skipped_and_counted(toy, tmp_path):
     reasons = skipped(tmp_path / "r" / "skipped.jsonl")
     assert {i for i, why in reasons.items() if why.startswith("too long")} == too_long
     assert (tmp_path / "r" / "model.safetensors").exists() and (tmp_path / "r" / "eval.json").exists()
-    ev.main(ev.Config(data_dir=str(toy / "data"), reward=str(toy / "base"), policy="", pairs_dir="",
+    ev.main(ev.Config(image_generator="", data_dir=str(toy / "data"), reward=str(toy / "base"), policy="", pairs_dir="",
                       out_dir=str(tmp_path / "e"), max_len=max_len))
     reasons = skipped(tmp_path / "e" / "skipped.jsonl")
     assert {i for i, why in reasons.items() if why.startswith("too long")} == too_long
@@ -241,7 +241,7 @@ def test_dpo_killed_and_resumed_ends_as_an_uninterrupted_run(toy, tmp_path, monk
     pairs = [{"id": r["id"], "task": r["task"], "media": r["media"], "prompt": r["question"], "chosen": r["answer"],
               "rejected": "purple, purple"} for r in rows] * 3
     common.write_jsonl(tmp_path / "pairs.jsonl", pairs)
-    cfg = lambda out, **kw: dpo.Config(**{**dict(data_dir=str(toy / "data"), pairs=str(tmp_path / "pairs.jsonl"),
+    cfg = lambda out, **kw: dpo.Config(**{**dict(image_generator="", data_dir=str(toy / "data"), pairs=str(tmp_path / "pairs.jsonl"),
                                                  policy=str(toy / "base"), out_dir=str(out), epochs=3, batch_size=4,
                                                  lr=1e-3, warmup=1, holdout=0.2), **kw})
     dpo.main(cfg(tmp_path / "straight"))
@@ -265,5 +265,6 @@ def test_pairs_killed_and_resumed_end_as_an_uninterrupted_run(toy, tmp_path, mon
     with open(tmp_path / "cut" / "candidates.jsonl", "a") as f:
         f.write('{"id": "torn", "task"')                          # a line cut off mid-write
     pairs_stage.main(cfg(tmp_path / "cut", resume=True))
-    for name in ("candidates.jsonl", "pairs.jsonl", "gen_pairs.jsonl"):
-        assert (tmp_path / "cut" / name).read_text() == (tmp_path / "straight" / name).read_text(), name
+    for name in ("candidates.jsonl", "pairs.jsonl", "gen_pairs.jsonl"):   # sampled pictures sit in <out>/samples
+        straight = (tmp_path / "straight" / name).read_text().replace("/straight/samples/", "/cut/samples/")
+        assert (tmp_path / "cut" / name).read_text() == straight, name

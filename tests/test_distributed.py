@@ -50,7 +50,7 @@ def test_two_ranks_align_the_policy_like_one_process(toy, tmp_path):
     common.write_jsonl(tmp_path / "pairs.jsonl", pairs)
     base = toy / "base"
     args = ["--data-dir", str(toy / "data"), "--pairs", str(tmp_path / "pairs.jsonl"), "--policy", str(base),
-            "--epochs", "2", "--batch-size", "4", "--warmup", "1", "--lr", "1e-3"]
+            "--epochs", "2", "--batch-size", "4", "--warmup", "1", "--lr", "1e-3", "--image-generator", ""]
     dpo = stage("04_dpo")
     one = tmp_path / "one"
     dpo.main(common.parse_config(dpo.Config, args + ["--out-dir", str(one)]))
@@ -72,8 +72,9 @@ def test_two_ranks_build_the_pairs_of_one_process(toy, tmp_path):
     one = tmp_path / "one"
     build.main(common.parse_config(build.Config, args + ["--out-dir", str(one)]))
     two = torchrun("03_build_pairs.py", args, tmp_path / "two")
-    for name in ("candidates.jsonl", "pairs.jsonl", "gen_pairs.jsonl"):
-        a, b = common.read_jsonl(one / name), common.read_jsonl(two / name)
+    for name in ("candidates.jsonl", "pairs.jsonl", "gen_pairs.jsonl"):   # sampled pictures sit in <out>/samples
+        a = json.loads(json.dumps(common.read_jsonl(one / name)).replace("/one/samples/", "/two/samples/"))
+        b = common.read_jsonl(two / name)
         assert a == b and (a or name == "pairs.jsonl")
     assert len(common.read_jsonl(two / "rank1" / "candidates.jsonl")) > 0   # the second rank did its share
     assert len(common.read_jsonl(one / "candidates.jsonl")) == 12

@@ -192,7 +192,7 @@ def test_benchmark_metrics_by_hand():
 
 
 def test_benchmarks_run_with_the_same_judge(benches, toy, tmp_path):
-    cfg = ev.Config(reward=str(toy / "base"), out_dir=str(tmp_path / "eval"),
+    cfg = ev.Config(image_generator="", reward=str(toy / "base"), out_dir=str(tmp_path / "eval"),
                     benchmarks=f"vlrewardbench={benches / 'vl'},genai-image={benches / 'genai_image'},"
                                f"videogen={benches / 'videogen'}")
     results = ev.main(cfg)
@@ -206,7 +206,7 @@ def test_generate_judging_counts_unparsed_verdicts(benches, toy, tmp_path):
     wrong, never read as 'Image 1'. The barely trained test base writes no verdicts at all."""
     import common as c
     model, processor = c.load_model(toy / "base"), c.load_processor(toy / "base")
-    cfg = ev.Config(judge="generate", template="short")
+    cfg = ev.Config(image_generator="", judge="generate", template="short")
     skips = c.SkipLog(tmp_path / "skipped.jsonl")
     res = ev.run_benchmark("genai-image", str(benches / "genai_image"), model, processor, cfg, "cpu", skips)
     assert res["n"] == 4 and res["unparsed"] == 4 and res["tau"] == 0.0 and res["diff"] == 0.0
@@ -285,7 +285,7 @@ def test_empty_benchmarks_say_so_and_empty_metrics_show_na(tmp_path):
 def test_benchmark_rows_too_long_are_skipped_and_counted(benches, toy, tmp_path):
     model, processor = common.load_model(toy / "base"), common.load_processor(toy / "base")
     skips = common.SkipLog(tmp_path / "skipped.jsonl")
-    res = ev.run_benchmark("genai-image", str(benches / "genai_image"), model, processor, ev.Config(max_len=20),
+    res = ev.run_benchmark("genai-image", str(benches / "genai_image"), model, processor, ev.Config(image_generator="", max_len=20),
                            "cpu", skips)
     assert res["n"] == 0 and res["skipped"] == 5 and math.isnan(res["tau"])      # 4 too long + 1 bad vote
     assert skips.counts == {"too long": 4, "ValueError": 1}

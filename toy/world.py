@@ -429,7 +429,8 @@ def write_policy_prompts(split: str, n: int, rng, writer: MediaWriter) -> list[d
 def write_gen_candidates(n: int, n_cand: int, rng, writer: MediaWriter) -> list[dict]:
     """Generation prompts with the samples of an imperfect toy generator (stage 03 ranks and sifts them).
     Format any text-to-image/video model can write: {"id", "task", "prompt", "media": [paths]};
-    the toy adds "truth": the ground-truth score of each candidate, for measuring pair precision."""
+    the toy adds "truth", the ground-truth score of each candidate, and "scene", what the caption asks
+    for (toy/reader.py checks a generator's own samples against it), for measuring pair precision."""
     rows = []
     for task in ("image_generation", "video_generation"):
         medium, code = task.split("_")[0], TASK_CODE[task]
@@ -442,7 +443,8 @@ def write_gen_candidates(n: int, n_cand: int, rng, writer: MediaWriter) -> list[
                 writer.fresh(pixels, "gen")
                 media.append(writer.write(pixels, f"media/{code}/{rid}_{k}.{ext(medium)}"))
                 truth.append(t["score"])
-            rows.append({"id": rid, "task": task, "prompt": caption(medium, scene), "media": media, "truth": truth})
+            rows.append({"id": rid, "task": task, "prompt": caption(medium, scene), "media": media, "truth": truth,
+                         "scene": scene})
     return rows
 
 
