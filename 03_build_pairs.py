@@ -6,7 +6,9 @@ For each prompt the policy (or a generator) provides N=10 candidates. The judge 
   2. point sifting: scores every candidate, and keeps argmax-score(chosen) vs argmin-score(rejected)
                     only if that chosen score is strictly higher; otherwise the prompt is dropped.
 Understanding prompts: the policy samples the answers (temperature 0.7) -> pairs.jsonl for 04_dpo.py.
-Generation prompts: candidates come from any text-to-image/video model as a jsonl of
+Generation prompts: a diffusers generator (--image-generator, --video-generator) samples the candidates
+with diffusion.sample, the reverse-diffusion loop (DDIM timesteps -> UNet with and without the caption ->
+classifier-free guidance -> scheduler.step), or they come from any model as a jsonl of
 {"id", "task", "prompt", "media": [paths]} -> gen_pairs.jsonl in the Diffusion-DPO layout
 ({"caption", "jpg_0": chosen, "jpg_1": rejected, "label_0": 1, scores}; clips use "mp4_0"/"mp4_1").
 
