@@ -96,7 +96,7 @@ def main(cfg: Config) -> None:
     params = list(unet.parameters()) + list(gen.text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     rng = np.random.default_rng(cfg.seed)
-    alphas = gen.scheduler.config.num_train_timesteps
+    n_timesteps = gen.scheduler.config.num_train_timesteps
     t0, losses = time.time(), []
     for step in range(cfg.steps):
         for g in opt.param_groups:
@@ -104,7 +104,7 @@ def main(cfg: Config) -> None:
         captions, pixels = zip(*(training_example(cfg.medium, rng, cfg) for _ in range(cfg.batch)))
         x0 = diffusion.to_model_space(gen, np.stack(pixels))
         noise = torch.randn_like(x0)
-        t = torch.randint(0, alphas, (cfg.batch,))
+        t = torch.randint(0, n_timesteps, (cfg.batch,))
         hidden, _ = diffusion.encode_captions(gen, list(captions))
         pred = diffusion.predict_noise(gen, unet, diffusion.add_noise(gen, x0, noise, t), t, hidden)
         loss = torch.nn.functional.mse_loss(pred, noise)
