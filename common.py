@@ -15,6 +15,7 @@ Sections, in the order a reader meets them in the stages:
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import dataclasses
 import inspect
@@ -178,6 +179,9 @@ def init_distributed() -> tuple[int, int]:
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))   # "cuda" then means this rank's GPU
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        # Leave the group before the interpreter tears down: a group still alive at exit can abort the
+        # process ("terminate called without an active exception") after its work is done and saved.
+        atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
     return dist.get_rank(), dist.get_world_size()
 
 
