@@ -61,7 +61,8 @@ def test_both_order_judging_is_symmetric(tiny, toy):
 
 
 def run(toy, tmp_path, **kw):
-    kw = {"n_samples": 4, "max_new_tokens": 8, "chunk": 2, **kw}
+    # hot sampling: at 0.7 the tiny base gives mostly identical answers, which leave nothing to rank
+    kw = {"n_samples": 6, "max_new_tokens": 8, "chunk": 2, "gen_steps": 4, "temperature": 2.0, **kw}
     cfg = pairs.Config(data_dir=str(toy / "data"), policy=str(toy / "base"), reward=str(toy / "base"),
                        out_dir=str(tmp_path / "pairs"), **kw)
     return pairs.main(cfg)
@@ -72,10 +73,13 @@ def test_builds_pairs_and_reports(toy, tmp_path):
     out = tmp_path / "pairs"
     cands = common.read_jsonl(out / "candidates.jsonl")
     assert len(cands) == 8 + 4          # 4 image + 4 video questions, 2 + 2 generation prompts
-    kept = common.read_jsonl(out / "pairs.jsonl") + common.read_jsonl(out / "gen_pairs.jsonl")
+    und, gen = common.read_jsonl(out / "pairs.jsonl"), common.read_jsonl(out / "gen_pairs.jsonl")
+    kept = und + gen
+    assert und and gen                  # the checks below see kept pairs of both kinds
     for c in cands:
-        assert len(c["scores"]) == 4 and all(isinstance(s, int) for s in c["scores"])      # written scores
-        assert len(c["expected"]) == 4 and all(isinstance(s, float) for s in c["expected"])
+        n = 4 if c["task"] == "video_generation" else 6      # the listed clips; 6 samples otherwise
+        assert len(c["scores"]) == n and all(isinstance(s, int) for s in c["scores"])      # written scores
+        assert len(c["expected"]) == n and all(isinstance(s, float) for s in c["expected"])
         lo, hi = (1, 5) if c["task"].endswith("generation") else (1, 3)
         assert all(lo <= s <= hi for s in c["scores"])
         assert (c["chosen"] is None) == (c["id"] not in {p["id"] for p in kept})

@@ -147,12 +147,19 @@ def test_decision_path(tiny):
         common.decision_path(tok, [a for _, a in common.verdict_candidates("image_understanding", "pointwise", (0, 100))])
 
 
-def overfit(model, processor, examples, steps=200):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    batch = common.collate([common.encode(processor, m, q, a) for m, q, a in examples], processor.tokenizer.pad_token_id)
+def overfit(model, processor, examples, max_steps=300, target=0.005):
+    """Fine-tune the language model (the tower frozen, its tokens computed once) on `examples` until
+    their mean answer NLL is below `target`; that NLL."""
+    encs = [common.encode(processor, m, q, a) for m, q, a in examples]
+    model.model.visual.requires_grad_(False)
+    common.visual_tokens(model, encs, "cpu")
+    batch = common.collate(encs, processor.tokenizer.pad_token_id)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     model.train()
-    for _ in range(steps):
+    for _ in range(max_steps):
         loss = -common.answer_token_logps(model, batch)[0].mean()
+        if loss.item() < target:
+            break
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -170,7 +177,8 @@ def test_one_forward_verdict_agrees_with_generate(tiny):
     examples = [(m, q, common.render_answer(task, "pairwise", label=lab)) for m, lab in cases]
     point = [([red], common.render_question(task, "pointwise", "a red square", scale=(1, 5)), "Final Score: 5"),
              ([blue], common.render_question(task, "pointwise", "a red square", scale=(1, 5)), "Final Score: 1")]
-    assert overfit(model, processor, examples + point, steps=400) < 0.01   # every answer token, the verdict too
+    assert overfit(model, processor, examples + point) < 0.01   # every answer token, the verdict too
+    # judged from pixels: the tower runs inside the forward again and gives the tokens trained on
     recs = [{"task": task, "kind": "pairwise", "prompt": "a red square", "responses": []}] * 3
     p = common.judge_pairwise(model, processor, recs, [m for m, _ in cases], "cpu", both_orders=False)
     texts = common.generate(model, processor, [(m, q) for m, _ in cases], "cpu", max_new_tokens=16)
