@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 import common
+import judging
 from toy import world
 
 # ---------------------------------------------------------------------------------------------
@@ -113,7 +114,7 @@ def to_unified(raw: dict, source: str, media_root: Path, data_dir: Path, index: 
     placeholders = human.count("<image>") + human.count("<video>")
     if placeholders > n_files:
         raise Unmappable(f"{placeholders} <image> placeholders but {n_files} media")
-    verdict = common.parse_verdict(gpt, task, kind, scale)
+    verdict = judging.parse_verdict(gpt, task, kind, scale)
     if verdict is None:
         if kind == "pointwise" and re.search(r"Final Score:\s*-?\d", gpt):
             raise Unmappable(f"score outside scale {scale}: {gpt[-40:]!r}")

@@ -25,6 +25,8 @@ from PIL import Image
 from tqdm import tqdm
 
 import common
+import judging
+import vlm
 
 
 @dataclasses.dataclass
@@ -72,7 +74,7 @@ class Config:
                                       # (8 bytes: a 7B judge fits one 80 GB GPU)
 
     def __post_init__(self):   # max_len, max_pixels, frame_pixels left at 0 take the template's limits
-        common.template_limits(self)
+        vlm.template_limits(self)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,7 +103,7 @@ def reward_loss(model, batch, kinds: list[str], decisive: list | None, bt_weight
         other = batch["input_ids"].clone()
         for r, (pos, _, wrong) in pairs:
             other[r, pos] = wrong
-    logps, rows, other_logps = common.answer_token_logps(model, batch, other)   # (N,) each
+    logps, rows, other_logps = vlm.answer_token_logps(model, batch, other)   # (N,) each
     nll = -logps
     loss = nll.sum() / (norm[0] if norm else len(nll))
     stats = {}
@@ -137,8 +139,8 @@ def decisive_tokens(tokenizer, record) -> tuple[int, int, int] | None:
     """(depth into the answer, right token, wrong token) for a strict pairwise record, else None."""
     if record["kind"] != "pairwise" or record["label"] not in (1, 2):
         return None
-    answers = [common.render_answer(record["task"], "pairwise", label=lab) for lab in (record["label"], 3 - record["label"])]
-    _, steps = common.decision_path(tokenizer, answers)
+    answers = [judging.render_answer(record["task"], "pairwise", label=lab) for lab in (record["label"], 3 - record["label"])]
+    _, steps = judging.decision_path(tokenizer, answers)
     depth, tokens = steps[-1]
     return depth, tokens[0], tokens[1]
 
@@ -173,13 +175,13 @@ def encode_records(records, keys, processor, cfg) -> list[tuple]:
     # train on the record's own question: rendered by 01 for the toy, verbatim for released data
     examples = [(media, records[k]["question"], records[k]["answer"]) for k, media in new.items()]
     try:
-        encs = common.encode_many(processor, examples, cfg.max_len) if examples else []
-    except common.TooLong:                   # one at a time, to find which
+        encs = vlm.encode_many(processor, examples, cfg.max_len) if examples else []
+    except vlm.TooLong:                   # one at a time, to find which
         encs = []
         for k, ex in zip(new, examples):
             try:
-                encs.append(common.encode(processor, *ex, cfg.max_len))
-            except common.TooLong as err:
+                encs.append(vlm.encode(processor, *ex, cfg.max_len))
+            except vlm.TooLong as err:
                 out[k] = (k, None, None, str(err))
                 encs.append(None)
     for k, e in zip(new, encs):
@@ -378,10 +380,10 @@ class Batches:
     def _collate(self, picks):
         encs = [e for _, (e, _) in picks]
         if self.frozen is not None:
-            common.visual_tokens(self.frozen, encs, self.device)
+            vlm.visual_tokens(self.frozen, encs, self.device)
         if self.caching and self.projected_gb is None and len(self.cache) >= 64:
             self.fits_in_memory()
-        batch = common.collate(encs, self.processor.tokenizer.pad_token_id) if encs else None
+        batch = vlm.collate(encs, self.processor.tokenizer.pad_token_id) if encs else None
         if batch is not None and self.device == "cuda":   # page-locked: the copy to the GPU runs asynchronously
             batch = {k: v.pin_memory() for k, v in batch.items()}
         return batch, [self.records[k]["kind"] for k, _ in picks], [d for _, (_, d) in picks]
@@ -421,12 +423,12 @@ def judge_records(model, processor, records, data_dir, device, template="short",
     pair = [i for i, r in enumerate(usable) if r["kind"] == "pairwise"]
     point = [i for i, r in enumerate(usable) if r["kind"] == "pointwise"]
     if pair:
-        p = common.judge_pairwise(model, processor, [usable[i] for i in pair], [media[i] for i in pair], device,
+        p = judging.judge_pairwise(model, processor, [usable[i] for i in pair], [media[i] for i in pair], device,
                                   template, both_orders, batch_size, max_len)
         for i, row in zip(pair, p.tolist()):
             preds[i] = {"id": usable[i]["id"], "p": row}
     if point:
-        e, b = common.judge_pointwise(model, processor, [usable[i] for i in point], [media[i] for i in point],
+        e, b = judging.judge_pointwise(model, processor, [usable[i] for i in point], [media[i] for i in point],
                                       device, template, batch_size, max_len)
         for i, ev, bv in zip(point, e.tolist(), b.tolist()):
             preds[i] = {"id": usable[i]["id"], "expected": ev, "score": bv}
@@ -434,7 +436,7 @@ def judge_records(model, processor, records, data_dir, device, template="short",
     for p, r in zip(preds, usable):
         if math.isnan(sum(p["p"]) if "p" in p else p["expected"]):
             if skips is None:
-                raise common.TooLong(f"{r.get('id')}: too long for {max_len} tokens")
+                raise vlm.TooLong(f"{r.get('id')}: too long for {max_len} tokens")
             skips.add(data_dir, r.get("id"), f"too long: the prompt and the verdict need more than {max_len} tokens")
             continue
         out.append(dict(p, task=r["task"], kind=r["kind"], label=r.get("label"), truth=r.get("score")))
@@ -442,7 +444,7 @@ def judge_records(model, processor, records, data_dir, device, template="short",
 
 
 def judge_metrics(preds: list[dict]) -> dict:
-    """Per task, from judge_records' output: pairwise diff and tau (common.pair_accuracy); pointwise exact =
+    """Per task, from judge_records' output: pairwise diff and tau (judging.pair_accuracy); pointwise exact =
     share of records whose most likely score equals the true score, and the Spearman correlation of the
     expected score with the truth, which shows a judge that has learned part of a score (one of two
     attributes, say) while its exact accuracy still sits at the majority share."""
@@ -452,11 +454,11 @@ def judge_metrics(preds: list[dict]) -> dict:
         point = [p for p in preds if p["task"] == task and p["kind"] == "pointwise"]
         m = {}
         if pair:
-            a = common.pair_accuracy([p["p"] for p in pair], [p["label"] for p in pair])
+            a = judging.pair_accuracy([p["p"] for p in pair], [p["label"] for p in pair])
             m.update(pair_diff=a["diff"], pair_tau=a["tau"], pair_n=a["n"], pair_ties=a["ties"])
         if point:
             m["point_exact"] = sum(p["score"] == p["truth"] for p in point) / len(point)
-            m["point_spearman"] = common.spearman([p["expected"] for p in point], [p["truth"] for p in point])
+            m["point_spearman"] = judging.spearman([p["expected"] for p in point], [p["truth"] for p in point])
             m["point_n"] = len(point)
         if m:
             out[task] = m
@@ -503,7 +505,7 @@ def no_pixels_control(model, processor, records, cfg, device, skips) -> dict:
     for task in out:
         strict = [p for p in preds if p["task"] == task and p["kind"] == "pairwise" and p["label"] != 0]
         forced = [[p["p"][0], p["p"][1], 0.0] for p in strict]
-        out[task]["pair_single"] = common.pair_accuracy(forced, [p["label"] for p in strict])["diff"]
+        out[task]["pair_single"] = judging.pair_accuracy(forced, [p["label"] for p in strict])["diff"]
     return out
 
 
@@ -529,9 +531,9 @@ def main(cfg: Config) -> dict:
     say(f"{len(train)} train / {len(test)} test records; {skips.summary()}")
 
     start = out if cfg.resume else cfg.base
-    model = common.load_model(start, device, train=True, precision=cfg.precision)
-    processor = common.load_processor(start, cfg.max_pixels, cfg.frame_pixels)
-    common.prepare_for_training(model, cfg.grad_checkpointing, cfg.compile)
+    model = vlm.load_model(start, device, train=True, precision=cfg.precision)
+    processor = vlm.load_processor(start, cfg.max_pixels, cfg.frame_pixels)
+    vlm.prepare_for_training(model, cfg.grad_checkpointing, cfg.compile)
     if not cfg.train_vision:
         model.model.visual.requires_grad_(False)
         if device == "cuda":   # a frozen tower only runs forward, under bf16 autocast: bf16 weights suffice
@@ -541,7 +543,7 @@ def main(cfg: Config) -> dict:
         objective = common.wrap(objective, model.model.language_model.layers, cfg.parallel,
                                 frozen=() if cfg.train_vision else model.model.visual.parameters())
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = common.make_optimizer(params, cfg.precision, cfg.lr, cfg.weight_decay)
+    optimizer = vlm.make_optimizer(params, cfg.precision, cfg.lr, cfg.weight_decay)
     batches = Batches(train, processor, cfg, skips, cfg.seed, frozen=None if cfg.train_vision else model, device=device,
                       rank=rank, world=world)
     step, saved = 0, None
@@ -558,7 +560,7 @@ def main(cfg: Config) -> dict:
         """The model to judge with (rank 0 only): the one being trained, or, when FSDP2 has sharded it,
         a whole copy read back from the checkpoint just written."""
         if any(hasattr(p, "to_local") for p in model.parameters()):
-            return common.load_model(out, device)
+            return vlm.load_model(out, device)
         return model
 
     def evaluate(records, judge_model):
@@ -589,7 +591,7 @@ def main(cfg: Config) -> dict:
         stats_sum: dict = {}
         for _ in range(cfg.grad_accum):
             batch, kinds, decisive = batches.next()
-            batch = common.to_device(batch, device)
+            batch = vlm.to_device(batch, device)
             # under torchrun: divide by the global batch's counts (see reward_loss); else by this batch's
             norm = [n / world for n in common.all_sum(counts(batch, decisive))] if world > 1 else None
             with common.autocast(device):

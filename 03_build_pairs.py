@@ -32,6 +32,8 @@ from PIL import Image, ImageDraw
 
 import common
 import diffusion
+import judging
+import vlm
 
 
 @dataclasses.dataclass
@@ -67,7 +69,7 @@ class Config:
                                        # (without it, a run starts again and empties the outputs)
 
     def __post_init__(self):   # max_len, max_pixels, frame_pixels left at 0 take the template's limits
-        common.template_limits(self)
+        vlm.template_limits(self)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,8 +114,8 @@ class Judge:
     """The reward model behind one interface for both readouts: one forward pass or generate + parse."""
 
     def __init__(self, cfg, device):
-        self.model = common.load_model(cfg.reward, device).eval()
-        self.processor = common.load_processor(cfg.reward, cfg.max_pixels, cfg.frame_pixels)
+        self.model = vlm.load_model(cfg.reward, device).eval()
+        self.processor = vlm.load_processor(cfg.reward, cfg.max_pixels, cfg.frame_pixels)
         self.cfg, self.device = cfg, device
         self.judgments, self.seconds, self.unparsed, self.too_long = 0, 0.0, 0, 0
 
@@ -121,12 +123,12 @@ class Judge:
         """-> per record True (first better) / False / None. mode overrides cfg.judge."""
         t = time.time()
         if (mode or self.cfg.judge) == "generate":
-            labels = common.judge_by_generating(self.model, self.processor, records, media, self.device,
+            labels = judging.judge_by_generating(self.model, self.processor, records, media, self.device,
                                                 self.cfg.template)
             out = [None if lab in (None, 0) else lab == 1 for lab in labels]
             self.unparsed += sum(lab is None for lab in labels)
         else:
-            p = common.judge_pairwise(self.model, self.processor, records, media, self.device, self.cfg.template,
+            p = judging.judge_pairwise(self.model, self.processor, records, media, self.device, self.cfg.template,
                                       batch_size=self.cfg.batch_size, max_len=self.cfg.max_len)
             long = p.isnan().any(1).tolist()           # too long to judge: the pair is not used
             self.too_long += sum(long)
@@ -140,12 +142,12 @@ class Judge:
         score is the most likely one (what greedy decoding would write); generate + parse reads only it."""
         t = time.time()
         if self.cfg.judge == "generate":
-            out = common.judge_by_generating(self.model, self.processor, records, media, self.device,
+            out = judging.judge_by_generating(self.model, self.processor, records, media, self.device,
                                              self.cfg.template)
             self.unparsed += sum(s is None for s in out)
             out = [None if s is None else (s, s) for s in out]
         else:
-            expected, written = common.judge_pointwise(self.model, self.processor, records, media, self.device,
+            expected, written = judging.judge_pointwise(self.model, self.processor, records, media, self.device,
                                                        self.cfg.template, batch_size=self.cfg.batch_size,
                                                        max_len=self.cfg.max_len)
             self.too_long += int(expected.isnan().sum())
@@ -328,8 +330,8 @@ def main(cfg: Config) -> dict:
             (out / name).write_text("")
     skips = common.SkipLog(out / "skipped.jsonl", resume=cfg.resume)
     judge = Judge(cfg, device)
-    policy = common.load_model(cfg.policy, device).eval()
-    policy_proc = common.load_processor(cfg.policy, cfg.max_pixels, cfg.frame_pixels)
+    policy = vlm.load_model(cfg.policy, device).eval()
+    policy_proc = vlm.load_processor(cfg.policy, cfg.max_pixels, cfg.frame_pixels)
 
     # --- understanding: the policy answers, the judge ranks and sifts -----------------------------
     # Each chunk of prompts is sampled from a seed of its own, all of it, even when some of its prompts
@@ -347,7 +349,7 @@ def main(cfg: Config) -> dict:
             except common.MediaError as e:
                 skips.add(data / "prompts_train.jsonl", p["id"], f"unreadable media: {e}")
         torch.manual_seed(cfg.seed * 1_000_003 + c)
-        samples = common.generate(policy, policy_proc, [(m, p["question"]) for p, m in zip(chunk, media)], device,
+        samples = vlm.generate(policy, policy_proc, [(m, p["question"]) for p, m in zip(chunk, media)], device,
                                   cfg.max_new_tokens, cfg.temperature, cfg.n_samples, cfg.batch_size)
         todo = [(p, m, [a.strip() for a in answers]) for p, m, answers in zip(chunk, media, samples)
                 if p["id"] not in done]

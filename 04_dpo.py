@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 import common
 import diffusion
+import vlm
 
 
 @dataclasses.dataclass
@@ -118,15 +119,15 @@ class Policy(torch.nn.Module):
         self.model = model
 
     def forward(self, batch):
-        return common.answer_logps(self.model, batch)   # (B,)
+        return vlm.answer_logps(self.model, batch)   # (B,)
 
 
 def pair_logps(policy, processor, pairs, media, max_len, device):
     """Chosen and rejected of each pair in ONE concatenated forward of `policy` (a Policy, maybe
     wrapped): (B,), (B,) summed log-probs, and (B,), (B,) the number of answer tokens of each."""
-    encs = common.encode_many(processor, [(m, p["prompt"], p[side])
+    encs = vlm.encode_many(processor, [(m, p["prompt"], p[side])
                                           for side in ("chosen", "rejected") for p, m in zip(pairs, media)], max_len)
-    batch = common.to_device(common.collate(encs, processor.tokenizer.pad_token_id), device)
+    batch = vlm.to_device(vlm.collate(encs, processor.tokenizer.pad_token_id), device)
     with common.autocast(device):
         logps = policy(batch)
     n = batch["answer_mask"].sum(1)
@@ -150,8 +151,8 @@ def load_pairs(cfg, processor, skips) -> tuple[list[dict], list]:
         try:
             m = common.load_media(p["media"], cfg.data_dir)
             for side in ("chosen", "rejected"):
-                common.encode(processor, m, p["prompt"], p[side], cfg.max_len)
-        except (common.MediaError, common.TooLong, FileNotFoundError) as e:
+                vlm.encode(processor, m, p["prompt"], p[side], cfg.max_len)
+        except (common.MediaError, vlm.TooLong, FileNotFoundError) as e:
             skips.add(path, p.get("id"), str(e))
             continue
         pairs.append(p)
@@ -319,11 +320,11 @@ def main(cfg: Config) -> dict:
                          " and --resume continues single-process runs only")
     skips = common.SkipLog(out / ("skipped.jsonl" if rank == 0 else f"skipped.rank{rank}.jsonl"), resume=cfg.resume)
     common.barrier()
-    model = common.load_model(out if cfg.resume else cfg.policy, device, train=True, precision=cfg.precision)
-    processor = common.load_processor(cfg.policy)
+    model = vlm.load_model(out if cfg.resume else cfg.policy, device, train=True, precision=cfg.precision)
+    processor = vlm.load_processor(cfg.policy)
     # Dropout off while training: the policy's log-probs must be computed exactly as the reference's
     # were, or the margin h carries dropout noise even at step 0.
-    common.prepare_for_training(model, cfg.grad_checkpointing, cfg.compile)
+    vlm.prepare_for_training(model, cfg.grad_checkpointing, cfg.compile)
     pairs, media = load_pairs(cfg, processor, skips)
     say(f"{len(pairs)} pairs from {cfg.pairs}; {skips.summary()}")
     if len(pairs) < 2:
@@ -337,7 +338,7 @@ def main(cfg: Config) -> dict:
     policy = Policy(model)
     if world > 1:   # DDP or FSDP2 around the module whose forward computes the log-likelihoods
         policy = common.wrap(policy, model.model.language_model.layers, cfg.parallel)
-    optimizer = common.make_optimizer(model.parameters(), cfg.precision, cfg.lr, weight_decay=0.0)
+    optimizer = vlm.make_optimizer(model.parameters(), cfg.precision, cfg.lr, weight_decay=0.0)
 
     step, saved = 0, None
     if cfg.resume:

@@ -26,6 +26,8 @@ import torch
 from PIL import Image
 
 import common
+import judging
+import vlm
 
 
 @dataclasses.dataclass
@@ -58,7 +60,7 @@ class Config:
     seed: int = 0
 
     def __post_init__(self):   # max_len, max_pixels, frame_pixels left at 0 take the template's limits
-        common.template_limits(self)
+        vlm.template_limits(self)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -81,12 +83,12 @@ def pairwise_metrics(p_ab, p_ba, labels) -> dict:
     back = p_ba[:, [1, 0, 2]]                        # swapped-order probabilities in the original order
     avg = (p_ab + back) / 2
     consistent = np.where(p_ab[:, 0] >= p_ab[:, 1], 1, 2) == np.where(back[:, 0] >= back[:, 1], 1, 2)
-    return {**common.pair_accuracy(avg.tolist(), list(labels)), "consistency": float(consistent.mean())}
+    return {**judging.pair_accuracy(avg.tolist(), list(labels)), "consistency": float(consistent.mean())}
 
 
 def pointwise_metrics(expected, best, truth) -> dict:
     truth = np.asarray(truth, float)
-    return {"exact": float((np.asarray(best, float) == truth).mean()), "spearman": common.spearman(expected, truth),
+    return {"exact": float((np.asarray(best, float) == truth).mean()), "spearman": judging.spearman(expected, truth),
             "n": int(len(truth))}
 
 
@@ -97,8 +99,8 @@ def normalize(answer: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 def evaluate_judge(cfg, device, skips) -> dict:
-    model = common.load_model(cfg.reward, device).eval()
-    processor = common.load_processor(cfg.reward, cfg.max_pixels, cfg.frame_pixels)
+    model = vlm.load_model(cfg.reward, device).eval()
+    processor = vlm.load_processor(cfg.reward, cfg.max_pixels, cfg.frame_pixels)
     path = Path(cfg.data_dir) / "reward_test.jsonl"
     records, media = [], []
     for r in common.read_jsonl(path, skips):
@@ -119,10 +121,10 @@ def evaluate_judge(cfg, device, skips) -> dict:
         m = {}
         if pair:
             recs = [records[i] for i in pair]
-            ab = common.judge_pairwise(model, processor, recs, [media[i] for i in pair], device, cfg.template,
+            ab = judging.judge_pairwise(model, processor, recs, [media[i] for i in pair], device, cfg.template,
                                        both_orders=False, batch_size=cfg.batch_size, max_len=cfg.max_len)
-            sw = [common.swapped(records[i], media[i]) for i in pair]
-            ba = common.judge_pairwise(model, processor, [s[0] for s in sw], [s[1] for s in sw], device,
+            sw = [judging.swapped(records[i], media[i]) for i in pair]
+            ba = judging.judge_pairwise(model, processor, [s[0] for s in sw], [s[1] for s in sw], device,
                                        cfg.template, both_orders=False, batch_size=cfg.batch_size, max_len=cfg.max_len)
             fit = fitting(recs, (ab + ba).sum(1), path, skips, cfg.max_len)
             if fit.any():
@@ -130,7 +132,7 @@ def evaluate_judge(cfg, device, skips) -> dict:
                                                  [r["label"] for r, f in zip(recs, fit) if f])
         if point:
             recs = [records[i] for i in point]
-            e, b = common.judge_pointwise(model, processor, recs, [media[i] for i in point], device, cfg.template,
+            e, b = judging.judge_pointwise(model, processor, recs, [media[i] for i in point], device, cfg.template,
                                           batch_size=cfg.batch_size, max_len=cfg.max_len)
             fit = fitting(recs, e, path, skips, cfg.max_len)
             if fit.any():
@@ -163,9 +165,9 @@ def policy_answers(cfg, device, skips) -> tuple[list[dict], list, dict[str, list
             skips.add(path, p.get("id"), f"unreadable media: {e}")
     answers = {}
     for name, ckpt in (("before", cfg.base_policy), ("after", cfg.policy)):
-        model = common.load_model(ckpt, device).eval()
-        processor = common.load_processor(ckpt, cfg.max_pixels, cfg.frame_pixels)
-        answers[name] = [a[0].strip() for a in common.generate(
+        model = vlm.load_model(ckpt, device).eval()
+        processor = vlm.load_processor(ckpt, cfg.max_pixels, cfg.frame_pixels)
+        answers[name] = [a[0].strip() for a in vlm.generate(
             model, processor, [(m, p["question"]) for p, m in zip(prompts, media)], device, cfg.max_new_tokens,
             batch_size=cfg.batch_size)]
         del model
@@ -176,8 +178,8 @@ def evaluate_policies(cfg, device, skips) -> dict:
     """Ground-truth accuracy of the policy before and after DPO on held-out questions, and the judge's
     win rate of after over before where the two answers differ."""
     prompts, media, answers = policy_answers(cfg, device, skips)
-    judge = common.load_model(cfg.reward, device).eval()
-    judge_proc = common.load_processor(cfg.reward, cfg.max_pixels, cfg.frame_pixels)
+    judge = vlm.load_model(cfg.reward, device).eval()
+    judge_proc = vlm.load_processor(cfg.reward, cfg.max_pixels, cfg.frame_pixels)
     out = {}
     for task in sorted({p["task"] for p in prompts}):
         idx = [i for i, p in enumerate(prompts) if p["task"] == task]
@@ -189,7 +191,7 @@ def evaluate_policies(cfg, device, skips) -> dict:
         if differ:
             recs = [{"task": task, "kind": "pairwise", "prompt": prompts[i]["question"],
                      "responses": [answers["after"][i], answers["before"][i]]} for i in differ]
-            p = common.judge_pairwise(judge, judge_proc, recs, [media[i] for i in differ], device, cfg.template,
+            p = judging.judge_pairwise(judge, judge_proc, recs, [media[i] for i in differ], device, cfg.template,
                                       batch_size=cfg.batch_size)
             wins = int((p[:, 0] > p[:, 1]).sum())
         else:
@@ -223,8 +225,8 @@ def evaluate_generators(cfg, device) -> dict:
     import diffusion
     from toy import reader, world
     from toy.pretrain_generator import all_scenes
-    judge = common.load_model(cfg.reward, device).eval()
-    judge_proc = common.load_processor(cfg.reward, cfg.max_pixels, cfg.frame_pixels)
+    judge = vlm.load_model(cfg.reward, device).eval()
+    judge_proc = vlm.load_processor(cfg.reward, cfg.max_pixels, cfg.frame_pixels)
     out = {}
     for medium, before, after in (("image", cfg.base_image_generator, cfg.image_generator),
                                   ("video", cfg.base_video_generator, cfg.video_generator)):
@@ -247,7 +249,7 @@ def evaluate_generators(cfg, device) -> dict:
         task = f"{medium}_generation"
         as_media = (lambda px: Image.fromarray(px)) if medium == "image" else (lambda px: common.Video(px, 8.0))   # the toy's 8 fps
         recs = [{"task": task, "kind": "pairwise", "prompt": c, "responses": []} for c in captions]
-        p = common.judge_pairwise(judge, judge_proc, recs, [[as_media(a), as_media(b)] for a, b in
+        p = judging.judge_pairwise(judge, judge_proc, recs, [[as_media(a), as_media(b)] for a, b in
                                                              zip(samples["after"], samples["before"])],
                                   device, cfg.template, batch_size=cfg.batch_size)
         m["judge_win_rate"] = float((p[:, 0] > p[:, 1]).float().mean())
@@ -366,7 +368,7 @@ def random_order(records, media, seed: int) -> tuple[list[dict], list]:
     out_r, out_m = [], []
     for r, m in zip(records, media):
         if rng.random() < 0.5:
-            r, m = common.swapped(r, m)
+            r, m = judging.swapped(r, m)
             r = {**r, "label": {1: 2, 2: 1, 0: 0}[r["label"]]}
         out_r.append(r)
         out_m.append(m)
@@ -377,10 +379,10 @@ def run_benchmark(name, source, model, processor, cfg, device, skips) -> dict:
     rows, folder = load_rows(name, source)
     records, media = random_order(*benchmark_records(name, rows, folder, skips), cfg.seed)
     if cfg.judge == "generate":
-        labels = common.judge_by_generating(model, processor, records, media, device, cfg.template)
+        labels = judging.judge_by_generating(model, processor, records, media, device, cfg.template)
         probs = [None if lab is None else [float(lab == 1), float(lab == 2), float(lab == 0)] for lab in labels]
     else:
-        p = common.judge_pairwise(model, processor, records, media, device, cfg.template,
+        p = judging.judge_pairwise(model, processor, records, media, device, cfg.template,
                                   batch_size=cfg.batch_size, max_len=cfg.max_len)
         fit = fitting(records, p.sum(1), f"{name}:{folder}", skips, cfg.max_len).tolist()
         records = [r for r, f in zip(records, fit) if f]
@@ -400,12 +402,12 @@ def benchmark_metrics(name, preds) -> dict:
         groups = {}
         for p in preds:
             groups.setdefault(p["group"], []).append(p)
-        acc = {g: common.pair_accuracy([p["p"] for p in v], [p["label"] for p in v])["diff"]
+        acc = {g: judging.pair_accuracy([p["p"] for p in v], [p["label"] for p in v])["diff"]
                for g, v in sorted(groups.items())}
-        return {"overall": common.pair_accuracy([p["p"] for p in preds], [p["label"] for p in preds])["diff"],
+        return {"overall": judging.pair_accuracy([p["p"] for p in preds], [p["label"] for p in preds])["diff"],
                 "macro": sum(acc.values()) / len(acc) if acc else float("nan"), "groups": acc,
                 "group_sizes": {g: len(v) for g, v in groups.items()}}
-    a = common.pair_accuracy([p["p"] for p in preds], [p["label"] for p in preds])
+    a = judging.pair_accuracy([p["p"] for p in preds], [p["label"] for p in preds])
     return {"tau": a["tau"], "diff": a["diff"], "ties": a["ties"]}
 
 
@@ -476,8 +478,8 @@ def main(cfg: Config) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     skips = common.SkipLog(out / "skipped.jsonl")
     if cfg.benchmarks:   # the published benchmarks instead of the toy one
-        model = common.load_model(cfg.reward, device).eval()
-        processor = common.load_processor(cfg.reward, cfg.max_pixels, cfg.frame_pixels)
+        model = vlm.load_model(cfg.reward, device).eval()
+        processor = vlm.load_processor(cfg.reward, cfg.max_pixels, cfg.frame_pixels)
         results = {}
         for item in cfg.benchmarks.split(","):
             name, _, source = item.partition("=")

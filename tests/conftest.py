@@ -41,5 +41,5 @@ def toy(tmp_path_factory, prep):
 @pytest.fixture()
 def tiny():
     """A fresh copy of the shipped tiny base model and its processor."""
-    import common
-    return common.load_model(BASE), common.load_processor(BASE)
+    import vlm
+    return vlm.load_model(BASE), vlm.load_processor(BASE)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import common
+import judging
 from conftest import stage
 from toy import world
 
@@ -34,8 +35,8 @@ def test_every_record_valid_and_consistent(toy):
         assert {(r["task"], r["kind"]) for r in records} == {(t, k) for t in common.TASKS for k in common.KINDS}
         for r in records:
             assert common.check_record(r, data) is None, r["id"]
-            assert r["answer"] == common.render_answer(r["task"], r["kind"], r["label"], r["score"])
-            assert r["question"] == common.render_question(r["task"], r["kind"], r["prompt"], r["responses"], r["scale"])
+            assert r["answer"] == judging.render_answer(r["task"], r["kind"], r["label"], r["score"])
+            assert r["question"] == judging.render_question(r["task"], r["kind"], r["prompt"], r["responses"], r["scale"])
             n_media = 2 if r["kind"] == "pairwise" and r["task"].endswith("generation") else 1
             assert len(r["media"]) == n_media
             media = common.load_media(r["media"], data)

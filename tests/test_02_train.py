@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 
 import common
+import judging
+import vlm
 from conftest import stage
 
 train = stage("02_train_reward")
@@ -42,16 +44,16 @@ def test_loss_matches_independent_computation(tiny, toy):
     recs = one_per_group(toy)
     encs, kinds, decisive = [], [], []
     for r in recs:
-        e = common.encode(processor, common.load_media(r["media"], toy / "data"), r["question"], r["answer"])
+        e = vlm.encode(processor, common.load_media(r["media"], toy / "data"), r["question"], r["answer"])
         d = train.decisive_tokens(processor.tokenizer, r)
         n = int((~e["answer_mask"]).sum())
         decisive.append(None if d is None else (n + d[0], d[1], d[2]))
         encs.append(e)
         kinds.append(r["kind"])
-    batch = common.collate(encs, processor.tokenizer.pad_token_id)
+    batch = vlm.collate(encs, processor.tokenizer.pad_token_id)
     loss0, stats = train.reward_loss(model, batch, kinds, decisive, bt_weight=0.0)
     loss1, _ = train.reward_loss(model, batch, kinds, decisive, bt_weight=0.5)
-    logits = model(**common.model_inputs(batch)).logits
+    logits = model(**vlm.model_inputs(batch)).logits
     labels = batch["input_ids"][:, 1:].masked_fill(~batch["answer_mask"][:, 1:], -100)
     ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
     assert torch.allclose(loss0, ce, atol=1e-5)
@@ -74,8 +76,8 @@ def twin(r):
         t["media"] = r["media"][::-1]
     else:
         t["responses"] = r["responses"][::-1]
-        t["question"] = common.render_question(r["task"], "pairwise", r["prompt"], t["responses"])
-    t["answer"] = common.render_answer(r["task"], "pairwise", label=t["label"])
+        t["question"] = judging.render_question(r["task"], "pairwise", r["prompt"], t["responses"])
+    t["answer"] = judging.render_answer(r["task"], "pairwise", label=t["label"])
     return t
 
 
@@ -94,7 +96,7 @@ def test_overfits_eight_examples(toy, tmp_path):
         assert m["point_exact"] == 1.0 and m.get("pair_tau", 1.0) == 1.0, (task, m)
     log = [json.loads(l) for l in (tmp_path / "reward" / "log.jsonl").read_text().splitlines()]
     assert log[-1]["step"] == 60
-    assert common.load_model(tmp_path / "reward") is not None   # a plain save_pretrained folder
+    assert vlm.load_model(tmp_path / "reward") is not None   # a plain save_pretrained folder
 
 
 def test_resume_continues_from_saved_step(toy, tmp_path, monkeypatch):
@@ -116,17 +118,17 @@ def test_resume_continues_from_saved_step(toy, tmp_path, monkeypatch):
     assert torch.load(tmp_path / "cut" / "train_state.pt", weights_only=False)["step"] == 3
     monkeypatch.setattr(train, "reward_loss", real)
     train.main(train.Config(**{**cut.__dict__, "resume": True}))
-    a = common.load_model(tmp_path / "straight").state_dict()
-    b = common.load_model(tmp_path / "cut").state_dict()
+    a = vlm.load_model(tmp_path / "straight").state_dict()
+    b = vlm.load_model(tmp_path / "cut").state_dict()
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     steps = [json.loads(l)["step"] for l in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()]
     assert steps == [3, 6]
 
 
 def test_bad_input_is_skipped_and_named(toy, tmp_path):
-    processor = common.load_processor(toy / "base")
+    processor = vlm.load_processor(toy / "base")
     data_in = toy / "data"
-    length = lambda r: len(common.encode(processor, common.load_media(r["media"], data_in), r["question"],
+    length = lambda r: len(vlm.encode(processor, common.load_media(r["media"], data_in), r["question"],
                                          r["answer"])["input_ids"])
     pool = common.read_jsonl(data_in / "reward_train.jsonl")
     longest = max(map(length, pool))
@@ -163,14 +165,14 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(toy, tmp_path, monkeypatch):
         train.main(config(toy, tmp_path, data, steps=4, eval_every=2, batch_size=4))
     state = torch.load(tmp_path / "reward" / "train_state.pt", weights_only=False)
     assert state["step"] == 2
-    model = common.load_model(tmp_path / "reward")
+    model = vlm.load_model(tmp_path / "reward")
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 def test_cached_batches_equal_fresh_ones(toy, tmp_path):
     recs = common.read_jsonl(toy / "data" / "reward_train.jsonl")[:6]
     data = small_data(toy, tmp_path, recs)
-    processor = common.load_processor(toy / "base")
+    processor = vlm.load_processor(toy / "base")
     skips = common.SkipLog(tmp_path / "skipped.jsonl")
     cached = train.Batches(recs, processor, config(toy, tmp_path, data, batch_size=4), skips, seed=0)
     fresh = train.Batches(recs, processor, config(toy, tmp_path, data, batch_size=4, cache_gb=0), skips, seed=0)
@@ -186,8 +188,8 @@ def test_frozen_tower_features_train_the_same(toy, tmp_path):
     same gradients, the pixels gone from the cache, and the tower run once per example."""
     recs = common.read_jsonl(toy / "data" / "reward_train.jsonl")[:6]
     data = small_data(toy, tmp_path, recs)
-    processor = common.load_processor(toy / "base")
-    model = common.load_model(toy / "base", train=True)
+    processor = vlm.load_processor(toy / "base")
+    model = vlm.load_model(toy / "base", train=True)
     model.model.visual.requires_grad_(False)
     skips = common.SkipLog(tmp_path / "skipped.jsonl")
     pixels = train.Batches(recs, processor, config(toy, tmp_path, data, batch_size=4), skips, seed=0)
@@ -215,8 +217,8 @@ def test_frozen_tower_features_train_the_same(toy, tmp_path):
 def test_frozen_vision_tower_stays_put(toy, tmp_path):
     data = small_data(toy, tmp_path, common.read_jsonl(toy / "data" / "reward_train.jsonl")[:8])
     train.main(config(toy, tmp_path, data, steps=2, eval_every=2, train_vision=False))
-    before = common.load_model(toy / "base").state_dict()
-    after = common.load_model(tmp_path / "reward").state_dict()
+    before = vlm.load_model(toy / "base").state_dict()
+    after = vlm.load_model(tmp_path / "reward").state_dict()
     vision = [k for k in before if k.startswith("model.visual.")]
     assert vision and all(torch.equal(before[k], after[k]) for k in vision)
     assert not all(torch.equal(before[k], after[k]) for k in before if k not in vision)
@@ -225,7 +227,7 @@ def test_frozen_vision_tower_stays_put(toy, tmp_path):
 def test_the_cache_turns_itself_off_when_the_set_would_not_fit(toy, tmp_path, capsys):
     recs = common.read_jsonl(toy / "data" / "reward_train.jsonl") * 3          # 96 records, 64 decide
     data = small_data(toy, tmp_path, recs)
-    processor = common.load_processor(toy / "base")
+    processor = vlm.load_processor(toy / "base")
     skips = common.SkipLog(tmp_path / "skipped.jsonl")
     small = train.Batches(recs, processor, config(toy, tmp_path, data, batch_size=8, cache_gb=1e-6), skips, seed=0)
     roomy = train.Batches(recs, processor, config(toy, tmp_path, data, batch_size=8), skips, seed=0)
@@ -242,7 +244,7 @@ def test_loader_workers_and_resume_draw_the_same_batches(toy, tmp_path):
     alone, and a checkpointed state resumes the draws where training had consumed them."""
     recs = common.read_jsonl(toy / "data" / "reward_train.jsonl")[:12]
     data = small_data(toy, tmp_path, recs)
-    processor = common.load_processor(toy / "base")
+    processor = vlm.load_processor(toy / "base")
     skips = common.SkipLog(tmp_path / "skipped.jsonl")
     make = lambda workers: train.Batches(recs, processor, config(toy, tmp_path, data, batch_size=4, workers=workers,
                                                                  cache_gb=0), skips, seed=0)
@@ -277,7 +279,7 @@ def test_length_groups_cut_sorted_runs_of_about_equal_cost():
 def test_length_grouped_batches_cover_each_draw_once_and_resume_inside_a_window(toy, tmp_path):
     recs = common.read_jsonl(toy / "data" / "reward_train.jsonl")[:16]
     data = small_data(toy, tmp_path, recs)
-    processor = common.load_processor(toy / "base")
+    processor = vlm.load_processor(toy / "base")
     skips = common.SkipLog(tmp_path / "skipped.jsonl")
     make = lambda k: train.Batches(recs, processor, config(toy, tmp_path, data, batch_size=4, length_groups=k),
                                    skips, seed=0)

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 import common
+import judging
 from conftest import stage
 
 pairs = stage("03_build_pairs")
@@ -53,9 +54,9 @@ def test_both_order_judging_is_symmetric(tiny, toy):
     data = toy / "data"
     recs = [r for r in common.read_jsonl(data / "reward_test.jsonl") if r["kind"] == "pairwise"]
     media = [common.load_media(r["media"], data) for r in recs]
-    p = common.judge_pairwise(model, processor, recs, media, "cpu")
-    sw = [common.swapped(r, m) for r, m in zip(recs, media)]
-    q = common.judge_pairwise(model, processor, [s[0] for s in sw], [s[1] for s in sw], "cpu")
+    p = judging.judge_pairwise(model, processor, recs, media, "cpu")
+    sw = [judging.swapped(r, m) for r, m in zip(recs, media)]
+    q = judging.judge_pairwise(model, processor, [s[0] for s in sw], [s[1] for s in sw], "cpu")
     assert torch.allclose(p, q[:, [1, 0, 2]], atol=1e-5)
     assert torch.allclose(p.sum(1), torch.ones(len(recs)), atol=1e-5)
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import common
+import vlm
 from conftest import stage
 
 dpo = stage("04_dpo")
@@ -50,7 +51,7 @@ def test_stored_reference_equals_fresh_forward_and_grads_reach_policy_only(tiny,
     cfg = dpo.Config(image_generator="", batch_size=3)
     ref = dpo.reference_logps(dpo.Policy(model), processor, pairs, media, cfg, "cpu")
     assert not ref.requires_grad
-    fresh = common.load_model(toy / "base")
+    fresh = vlm.load_model(toy / "base")
     c, r, _, _ = dpo.pair_logps(dpo.Policy(fresh), processor, pairs, media, 4096, "cpu")
     assert torch.allclose(ref, torch.stack([c, r], 1).detach(), atol=1e-5)
     model.eval()
@@ -72,7 +73,7 @@ def test_dpo_steps_raise_the_margin(toy, tmp_path):
     assert final["margin"] > 0.05 and final["reward_acc"] == 1.0
     log = common.read_jsonl(tmp_path / "policy" / "log.jsonl")
     assert [row["step"] for row in log] == [2, 4, 6, 8] and all(row["heldout"]["margin"] > 0 for row in log)
-    assert common.load_model(tmp_path / "policy") is not None
+    assert vlm.load_model(tmp_path / "policy") is not None
 
 
 def test_bad_pairs_are_skipped(toy, tmp_path):
@@ -81,7 +82,7 @@ def test_bad_pairs_are_skipped(toy, tmp_path):
     bad = [dict(good[0], id="no-media", media=["media/none.png"]), dict(good[1], id="empty", chosen=" "),
            dict(textonly, id="no-media-field")]
     common.write_jsonl(tmp_path / "pairs.jsonl", good + bad)
-    processor = common.load_processor(toy / "base")
+    processor = vlm.load_processor(toy / "base")
     skips = common.SkipLog(tmp_path / "skipped.jsonl")
     cfg = dpo.Config(image_generator="", data_dir=str(toy / "data"), pairs=str(tmp_path / "pairs.jsonl"))
     kept, media = dpo.load_pairs(cfg, processor, skips)
@@ -91,11 +92,11 @@ def test_bad_pairs_are_skipped(toy, tmp_path):
 
 
 def test_chosen_nll_term_keeps_the_chosen_likely(toy, tmp_path):
-    processor = common.load_processor(toy / "base")
+    processor = vlm.load_processor(toy / "base")
     pairs = fixed_pairs(toy)
     media = [common.load_media(p["media"], toy / "data") for p in pairs]
-    _, _, n_c, _ = dpo.pair_logps(dpo.Policy(common.load_model(toy / "base")), processor, pairs, media, 4096, "cpu")
-    lengths = [len(processor.tokenizer(p["chosen"] + common.END_OF_TURN, add_special_tokens=False)["input_ids"])
+    _, _, n_c, _ = dpo.pair_logps(dpo.Policy(vlm.load_model(toy / "base")), processor, pairs, media, 4096, "cpu")
+    lengths = [len(processor.tokenizer(p["chosen"] + vlm.END_OF_TURN, add_special_tokens=False)["input_ids"])
                for p in pairs]
     assert n_c.tolist() == lengths                        # the NLL is per token of the chosen answer
     common.write_jsonl(tmp_path / "pairs.jsonl", pairs * 3)

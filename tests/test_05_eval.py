@@ -4,6 +4,8 @@ import math
 import pytest
 
 import common
+import judging
+import vlm
 from conftest import stage
 
 ev = stage("05_eval")
@@ -24,11 +26,11 @@ def test_pairwise_metrics_by_hand():
 
 
 def test_spearman_and_wilson_known_values():
-    assert common.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
-    assert common.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert judging.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert judging.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
     # ties share their average rank: x ranks (0, 1.5, 1.5, 3), y ranks (0, 2, 1, 3) -> 4.5 / sqrt(4.5 * 5)
-    assert common.spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(4.5 / (4.5 * 5) ** 0.5)
-    assert math.isnan(common.spearman([1, 1, 1], [1, 2, 3]))
+    assert judging.spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(4.5 / (4.5 * 5) ** 0.5)
+    assert math.isnan(judging.spearman([1, 1, 1], [1, 2, 3]))
     lo, hi = ev.wilson(5, 10)
     assert (lo, hi) == (pytest.approx(0.2366, abs=1e-4), pytest.approx(0.7634, abs=1e-4))
     assert ev.wilson(0, 20)[0] == pytest.approx(0.0, abs=1e-12)
@@ -45,12 +47,12 @@ def test_eval_runs_end_to_end(toy, tmp_path):
     whose language model was nudged, so that some greedy answers change. Its accuracies and counts are
     recomputed here from the answers themselves."""
     import torch
-    after = common.load_model(toy / "base")
+    after = vlm.load_model(toy / "base")
     torch.manual_seed(0)
     with torch.no_grad():
         for p in after.model.language_model.layers[-1].parameters():
             p.add_(0.05 * torch.randn_like(p))
-    common.save_checkpoint(after, common.load_processor(toy / "base"), tmp_path / "after")
+    common.save_checkpoint(after, vlm.load_processor(toy / "base"), tmp_path / "after")
     cfg = ev.Config(image_generator="", data_dir=str(toy / "data"), reward=str(toy / "base"), base_policy=str(toy / "base"),
                     policy=str(tmp_path / "after"), pairs_dir="", out_dir=str(tmp_path / "eval"), max_new_tokens=8)
     results = ev.main(cfg)

@@ -6,6 +6,8 @@ import pytest
 from PIL import Image
 
 import common
+import judging
+import vlm
 from conftest import stage
 
 prep = stage("01_prepare_data")
@@ -118,7 +120,7 @@ def test_a_nan_gradient_stops_before_the_step_and_names_the_checkpoint_left(toy,
         train.main(judge_config(toy, data, tmp_path / "r"))
     import torch
     assert torch.load(tmp_path / "r" / "train_state.pt", weights_only=True)["step"] == 2
-    assert common.all_finite(common.load_model(tmp_path / "r").parameters())
+    assert common.all_finite(vlm.load_model(tmp_path / "r").parameters())
     with pytest.raises(RuntimeError, match="no checkpoint has been written"):
         train.main(judge_config(toy, data, tmp_path / "r2", eval_every=4))
 
@@ -180,21 +182,21 @@ def judged_length(processor, record, data) -> int:
     """Tokens the one-forward readout needs for a record: its prompt in the longer of its orders, plus
     the verdict's decision path."""
     media = common.load_media(record["media"], data)
-    orders = [(record, media)] + ([common.swapped(record, media)] if record["kind"] == "pairwise" else [])
-    answers = [a for _, a in common.verdict_candidates(record["task"], record["kind"], record.get("scale"))]
-    path, _ = common.decision_path(processor.tokenizer, answers)
-    return len(path) + max(len(common.encode(processor, m, common.render_question(
+    orders = [(record, media)] + ([judging.swapped(record, media)] if record["kind"] == "pairwise" else [])
+    answers = [a for _, a in judging.verdict_candidates(record["task"], record["kind"], record.get("scale"))]
+    path, _ = judging.decision_path(processor.tokenizer, answers)
+    return len(path) + max(len(vlm.encode(processor, m, judging.render_question(
         r["task"], r["kind"], r["prompt"], r["responses"], r.get("scale")))["input_ids"]) for r, m in orders)
 
 
 def test_held_out_records_too_long_are_skipped_and_counted(toy, tmp_path):
-    processor = common.load_processor(toy / "base")
+    processor = vlm.load_processor(toy / "base")
     records = common.read_jsonl(toy / "data" / "reward_test.jsonl")
     lengths = {r["id"]: judged_length(processor, r, toy / "data") for r in records}
     max_len = sorted(lengths.values())[len(lengths) // 2]
     too_long = {i for i, n in lengths.items() if n > max_len}
     assert 0 < len(too_long) < len(records)
-    fits = lambda r: len(common.encode(processor, common.load_media(r["media"], toy / "data"), r["question"],
+    fits = lambda r: len(vlm.encode(processor, common.load_media(r["media"], toy / "data"), r["question"],
                                        r["answer"])["input_ids"]) <= max_len
     data = small_data(toy, tmp_path, test=records)
     common.write_jsonl(data / "reward_train.jsonl",
@@ -249,7 +251,7 @@ def test_dpo_killed_and_resumed_ends_as_an_uninterrupted_run(toy, tmp_path, monk
     killed_at_call(monkeypatch, dpo, "dpo_loss", 6, lambda: dpo.main(cfg(tmp_path / "cut")))
     assert torch.load(tmp_path / "cut" / "train_state.pt", weights_only=True)["step"] in (2, 4)
     dpo.main(cfg(tmp_path / "cut", resume=True))
-    a, b = (common.load_model(tmp_path / d).state_dict() for d in ("straight", "cut"))
+    a, b = (vlm.load_model(tmp_path / d).state_dict() for d in ("straight", "cut"))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 

@@ -1,4 +1,5 @@
-"""common.py: tokenizer and processor, batches and masks, log-probs, one-forward judging, files."""
+"""The shared modules: common.py (files), vlm.py (tokenizer and processor, batches and masks, log-probs,
+sampling), judging.py (templates, one-forward judging)."""
 import json
 
 import numpy as np
@@ -8,6 +9,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 import common
+import judging
+import vlm
 from conftest import stage
 from toy import world
 
@@ -28,12 +31,12 @@ def video():
 def test_tokenizer_and_processor_round_trip(tiny, tmp_path):
     model, processor = tiny
     processor.save_pretrained(tmp_path)
-    again = common.load_processor(tmp_path)
+    again = vlm.load_processor(tmp_path)
     text = "Caption: a red square at the top left\nFinal Score: 4"
     assert again.tokenizer(text)["input_ids"] == processor.tokenizer(text)["input_ids"]
     assert again.tokenizer.decode(again.tokenizer(text)["input_ids"]) == text
-    a = common.encode(processor, [image()], "Which?", "Final Score: 4")
-    b = common.encode(again, [image()], "Which?", "Final Score: 4")
+    a = vlm.encode(processor, [image()], "Which?", "Final Score: 4")
+    b = vlm.encode(again, [image()], "Which?", "Final Score: 4")
     assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["pixel_values"], b["pixel_values"])
     # every score digit is a single token, as the one-forward readout of scores needs
     for s in range(10):
@@ -49,21 +52,21 @@ def test_encode_many_equals_one_by_one(tiny):
                 ([image(), video()], "Describe both.", None),
                 ([], "Say hi.", "hi"),
                 ([video(), video()], "Same?", "no")]
-    together = common.encode_many(processor, examples)
+    together = vlm.encode_many(processor, examples)
     for (media, q, a), e in zip(examples, together):
-        alone = common.encode_many(processor, [(media, q, a)])[0]
+        alone = vlm.encode_many(processor, [(media, q, a)])[0]
         assert e.keys() == alone.keys() and all(torch.equal(e[k], alone[k]) for k in e)
     assert "pixel_values" in together[2] and "pixel_values_videos" in together[2]
     assert together[4]["video_grid_thw"].shape == (2, 3) and "pixel_values" not in together[4]
-    with pytest.raises(common.TooLong):
-        common.encode_many(processor, examples, max_len=40)
+    with pytest.raises(vlm.TooLong):
+        vlm.encode_many(processor, examples, max_len=40)
 
 
 def test_mm_token_type_ids_marked_and_padded(tiny):
     model, processor = tiny
     tok = processor.tokenizer
-    e1 = common.encode(processor, [image(), image()], "Which image?", "Image 1 is better than Image 2.")
-    e2 = common.encode(processor, [video()], "What moves?", "Answer 1 is better.")
+    e1 = vlm.encode(processor, [image(), image()], "Which image?", "Image 1 is better than Image 2.")
+    e2 = vlm.encode(processor, [video()], "What moves?", "Answer 1 is better.")
     ids = tok.convert_tokens_to_ids
     for e in (e1, e2):
         assert torch.equal(e["mm_token_type_ids"] == 1, e["input_ids"] == ids("<|image_pad|>"))
@@ -71,7 +74,7 @@ def test_mm_token_type_ids_marked_and_padded(tiny):
     assert (e1["mm_token_type_ids"] == 1).sum() == 2 * 16      # two 64x64 pictures, 16 tokens each
     assert (e2["mm_token_type_ids"] == 2).sum() == 16          # 8 frames at 32x32 -> 4 x 2 x 2
     for side in ("right", "left"):
-        b = common.collate([e1, e2], tok.pad_token_id, side)
+        b = vlm.collate([e1, e2], tok.pad_token_id, side)
         assert "mm_token_type_ids" in b and b["mm_token_type_ids"].shape == b["input_ids"].shape
         pad = b["attention_mask"] == 0
         assert (b["mm_token_type_ids"][pad] == 0).all() and (b["input_ids"][pad] == tok.pad_token_id).all()
@@ -82,25 +85,25 @@ def test_mm_token_type_ids_marked_and_padded(tiny):
 def test_only_answer_tokens_carry_loss(tiny):
     model, processor = tiny
     answer = "Image 2 is better than Image 1."
-    e = common.encode(processor, [image(), image((30, 30, 200))], "Which image fits?", answer)
+    e = vlm.encode(processor, [image(), image((30, 30, 200))], "Which image fits?", answer)
     span = e["input_ids"][e["answer_mask"]]
-    assert processor.tokenizer.decode(span) == answer + common.END_OF_TURN
+    assert processor.tokenizer.decode(span) == answer + vlm.END_OF_TURN
     # the mask is one contiguous block at the end
     assert e["answer_mask"][-len(span):].all() and not e["answer_mask"][:-len(span)].any()
 
 
 def test_answer_logps_match_independent_cross_entropy(tiny):
     model, processor = tiny
-    encs = [common.encode(processor, [image()], "Rate it.", "Final Score: 3"),
-            common.encode(processor, [image(), image()], "Which?", "Both images are equally good.")]
-    batch = common.collate(encs, processor.tokenizer.pad_token_id)
-    logps, rows, _ = common.answer_token_logps(model, batch)
+    encs = [vlm.encode(processor, [image()], "Rate it.", "Final Score: 3"),
+            vlm.encode(processor, [image(), image()], "Which?", "Both images are equally good.")]
+    batch = vlm.collate(encs, processor.tokenizer.pad_token_id)
+    logps, rows, _ = vlm.answer_token_logps(model, batch)
     # independent: full logits from the model's own forward, labels -100 outside the answer
-    logits = model(**common.model_inputs(batch)).logits[:, :-1]
+    logits = model(**vlm.model_inputs(batch)).logits[:, :-1]
     labels = batch["input_ids"][:, 1:].masked_fill(~batch["answer_mask"][:, 1:], -100)
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
     assert torch.allclose(-logps.mean(), ce, atol=1e-5)
-    per_row = common.answer_logps(model, batch)
+    per_row = vlm.answer_logps(model, batch)
     assert torch.allclose(per_row, torch.stack([logps[rows == i].sum() for i in range(2)]))
 
 
@@ -112,9 +115,9 @@ def test_video_decode_to_forward(tiny, tmp_path):
     v = common.load_video(tmp_path / "clip.mp4")
     assert v.frames.shape == (8, 64, 64, 3) and abs(v.fps - 8.0) < 1e-6
     assert np.abs(v.frames.astype(int) - frames).mean() < 2          # near lossless 4:4:4 encoding
-    e = common.encode(processor, [v], "Describe the video.", "a large red square moving right")
+    e = vlm.encode(processor, [v], "Describe the video.", "a large red square moving right")
     assert e["video_grid_thw"].tolist() == [[4, 4, 4]]
-    out = model(**common.model_inputs(common.collate([e], 0)))
+    out = model(**vlm.model_inputs(vlm.collate([e], 0)))
     assert torch.isfinite(out.logits).all()
     with pytest.raises(common.MediaError):
         common.load_video(tmp_path / "missing.mp4")
@@ -130,34 +133,34 @@ def test_checkpoint_save_load_same_logits(tiny, tmp_path):
     common.save_checkpoint(model, processor, tmp_path / "ckpt", extra={"step": 7})
     assert (tmp_path / "ckpt" / "log.jsonl").read_text() == '{"step": 1}\n'   # logs survive the swap
     assert torch.load(tmp_path / "ckpt" / "train_state.pt")["step"] == 7
-    again = common.load_model(tmp_path / "ckpt")
-    batch = common.collate([common.encode(processor, [image()], "Rate it.", "Final Score: 2")], 0)
+    again = vlm.load_model(tmp_path / "ckpt")
+    batch = vlm.collate([vlm.encode(processor, [image()], "Rate it.", "Final Score: 2")], 0)
     with torch.no_grad():
-        assert torch.equal(model(**common.model_inputs(batch)).logits, again(**common.model_inputs(batch)).logits)
+        assert torch.equal(model(**vlm.model_inputs(batch)).logits, again(**vlm.model_inputs(batch)).logits)
 
 
 def test_decision_path(tiny):
     tok = tiny[1].tokenizer
-    path, steps = common.decision_path(tok, [a for _, a in common.verdict_candidates("image_generation", "pairwise")])
+    path, steps = judging.decision_path(tok, [a for _, a in judging.verdict_candidates("image_generation", "pairwise")])
     assert tok.decode(path) == "Image "
     assert [d for d, _ in steps] == [0, 2]                      # Image/Both, then 1/2
-    path, steps = common.decision_path(tok, [a for _, a in common.verdict_candidates("video_understanding", "pointwise", (1, 10))])
+    path, steps = judging.decision_path(tok, [a for _, a in judging.verdict_candidates("video_understanding", "pointwise", (1, 10))])
     assert tok.decode(path) == "Final Score: 1" and len(steps) == 2   # 1 vs 10 needs one more token
     with pytest.raises(ValueError):
-        common.decision_path(tok, [a for _, a in common.verdict_candidates("image_understanding", "pointwise", (0, 100))])
+        judging.decision_path(tok, [a for _, a in judging.verdict_candidates("image_understanding", "pointwise", (0, 100))])
 
 
 def overfit(model, processor, examples, max_steps=300, target=0.005):
     """Fine-tune the language model (the tower frozen, its tokens computed once) on `examples` until
     their mean answer NLL is below `target`; that NLL."""
-    encs = [common.encode(processor, m, q, a) for m, q, a in examples]
+    encs = [vlm.encode(processor, m, q, a) for m, q, a in examples]
     model.model.visual.requires_grad_(False)
-    common.visual_tokens(model, encs, "cpu")
-    batch = common.collate(encs, processor.tokenizer.pad_token_id)
+    vlm.visual_tokens(model, encs, "cpu")
+    batch = vlm.collate(encs, processor.tokenizer.pad_token_id)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     model.train()
     for _ in range(max_steps):
-        loss = -common.answer_token_logps(model, batch)[0].mean()
+        loss = -vlm.answer_token_logps(model, batch)[0].mean()
         if loss.item() < target:
             break
         loss.backward()
@@ -173,32 +176,32 @@ def test_one_forward_verdict_agrees_with_generate(tiny):
     task = "image_generation"
     # the verdicts differ by colour content (the 60-step test base barely tells picture order apart)
     cases = [([red, red], 1), ([blue, blue], 2), ([green, green], 0)]
-    q = common.render_question(task, "pairwise", "a red square")
-    examples = [(m, q, common.render_answer(task, "pairwise", label=lab)) for m, lab in cases]
-    point = [([red], common.render_question(task, "pointwise", "a red square", scale=(1, 5)), "Final Score: 5"),
-             ([blue], common.render_question(task, "pointwise", "a red square", scale=(1, 5)), "Final Score: 1")]
+    q = judging.render_question(task, "pairwise", "a red square")
+    examples = [(m, q, judging.render_answer(task, "pairwise", label=lab)) for m, lab in cases]
+    point = [([red], judging.render_question(task, "pointwise", "a red square", scale=(1, 5)), "Final Score: 5"),
+             ([blue], judging.render_question(task, "pointwise", "a red square", scale=(1, 5)), "Final Score: 1")]
     assert overfit(model, processor, examples + point) < 0.01   # every answer token, the verdict too
     # judged from pixels: the tower runs inside the forward again and gives the tokens trained on
     recs = [{"task": task, "kind": "pairwise", "prompt": "a red square", "responses": []}] * 3
-    p = common.judge_pairwise(model, processor, recs, [m for m, _ in cases], "cpu", both_orders=False)
-    texts = common.generate(model, processor, [(m, q) for m, _ in cases], "cpu", max_new_tokens=16)
+    p = judging.judge_pairwise(model, processor, recs, [m for m, _ in cases], "cpu", both_orders=False)
+    texts = vlm.generate(model, processor, [(m, q) for m, _ in cases], "cpu", max_new_tokens=16)
     for row, (m, lab), (text,) in zip(p.tolist(), cases, texts):
-        assert common.pairwise_verdict(row) == lab == common.parse_verdict(text, task, "pairwise")
+        assert judging.pairwise_verdict(row) == lab == judging.parse_verdict(text, task, "pairwise")
     recs = [{"task": task, "kind": "pointwise", "prompt": "a red square", "responses": [], "scale": [1, 5]}] * 2
-    expected, best = common.judge_pointwise(model, processor, recs, [[red], [blue]], "cpu")
+    expected, best = judging.judge_pointwise(model, processor, recs, [[red], [blue]], "cpu")
     assert best.tolist() == [5.0, 1.0] and expected[0] > 4.5 and expected[1] < 1.5
 
 
 def test_parse_verdict_is_strict():
     t = "image_generation"
-    assert common.parse_verdict("Reasoning... Image 2 is better than Image 1.", t, "pairwise") == 2
-    assert common.parse_verdict("Both images are equally good.", t, "pairwise") == 0
-    assert common.parse_verdict("I cannot tell.", t, "pairwise") is None          # never defaults to 1
-    assert common.parse_verdict("Image 1 is better than Image 2. Image 2 is better than Image 1.", t, "pairwise") is None
-    assert common.parse_verdict("a: 3\nFinal Score: 4", t, "pointwise", (1, 5)) == 4
-    assert common.parse_verdict("Final Score: 10", t, "pointwise", (1, 5)) is None  # outside the scale
-    assert common.parse_verdict("Final Score: 87", t, "pointwise", (0, 100)) == 87  # a number, not "87"
-    assert common.parse_verdict("Answer 2 is better.", "image_understanding", "pairwise") == 2
+    assert judging.parse_verdict("Reasoning... Image 2 is better than Image 1.", t, "pairwise") == 2
+    assert judging.parse_verdict("Both images are equally good.", t, "pairwise") == 0
+    assert judging.parse_verdict("I cannot tell.", t, "pairwise") is None          # never defaults to 1
+    assert judging.parse_verdict("Image 1 is better than Image 2. Image 2 is better than Image 1.", t, "pairwise") is None
+    assert judging.parse_verdict("a: 3\nFinal Score: 4", t, "pointwise", (1, 5)) == 4
+    assert judging.parse_verdict("Final Score: 10", t, "pointwise", (1, 5)) is None  # outside the scale
+    assert judging.parse_verdict("Final Score: 87", t, "pointwise", (0, 100)) == 87  # a number, not "87"
+    assert judging.parse_verdict("Answer 2 is better.", "image_understanding", "pairwise") == 2
 
 
 def test_read_jsonl_skips_and_names_bad_lines(tmp_path):
@@ -259,18 +262,18 @@ def test_training_mode_without_dropout_and_with_checkpointing_computes_the_same(
     checkpointing changes the memory, not the gradients."""
     base = toy / "base"
     recs = common.read_jsonl(toy / "data" / "reward_train.jsonl")[:4]
-    processor = common.load_processor(base)
-    encs = [common.encode(processor, common.load_media(r["media"], toy / "data"), r["question"], r["answer"])
+    processor = vlm.load_processor(base)
+    encs = [vlm.encode(processor, common.load_media(r["media"], toy / "data"), r["question"], r["answer"])
             for r in recs]
-    batch = common.collate(encs, processor.tokenizer.pad_token_id)
-    reference = common.load_model(base).eval()
+    batch = vlm.collate(encs, processor.tokenizer.pad_token_id)
+    reference = vlm.load_model(base).eval()
     with torch.no_grad():
-        want = common.answer_logps(reference, batch)
+        want = vlm.answer_logps(reference, batch)
     grads = []
     for checkpointing in (False, True):
-        model = common.prepare_for_training(common.load_model(base), checkpointing)
+        model = vlm.prepare_for_training(vlm.load_model(base), checkpointing)
         assert model.training and model.model.language_model.gradient_checkpointing == checkpointing
-        logps = common.answer_logps(model, batch)
+        logps = vlm.answer_logps(model, batch)
         assert torch.equal(logps.detach(), want)
         (-logps.sum()).backward()
         grads.append([p.grad for p in model.parameters()])
@@ -284,8 +287,8 @@ def test_the_paper_template_brings_the_authors_limits_and_the_processor_applies_
     assert (short.max_len, short.max_pixels, short.frame_pixels) == (2048, 0, 0) and mine.max_len == 500
     big = Image.new("RGB", (2048, 1024), (200, 30, 30))
     clip = common.Video(np.zeros((8, 512, 512, 3), np.uint8), 8.0)
-    processor = common.load_processor(toy / "base", max_pixels=262144, frame_pixels=16384)
-    e = common.encode(processor, [big, clip], "Which?")
+    processor = vlm.load_processor(toy / "base", max_pixels=262144, frame_pixels=16384)
+    e = vlm.encode(processor, [big, clip], "Which?")
     (_, h, w), (_, vh, vw) = e["image_grid_thw"][0].tolist(), e["video_grid_thw"][0].tolist()
     patch = processor.image_processor.patch_size
     assert 0.9 * 262144 < h * w * patch ** 2 <= 262144 and abs(w / h - 2) < 0.1       # shrunk, aspect kept
@@ -298,11 +301,11 @@ def test_generate_greedy_equals_transformers_generate(tiny):
     model, processor = tiny
     q = "What colour is the shape? Answer in one word."
     prompts = [([image()], q), ([image((30, 30, 200))], "Where is the shape?"), ([video()], q)]
-    ours = common.generate(model, processor, prompts, "cpu", max_new_tokens=12, n=2)
-    encs = common.encode_many(processor, [(m, t, None) for m, t in prompts])
-    batch = common.collate(encs, processor.tokenizer.pad_token_id, side="left")
+    ours = vlm.generate(model, processor, prompts, "cpu", max_new_tokens=12, n=2)
+    encs = vlm.encode_many(processor, [(m, t, None) for m, t in prompts])
+    batch = vlm.collate(encs, processor.tokenizer.pad_token_id, side="left")
     with torch.no_grad():
-        ids = model.generate(**common.model_inputs(batch), max_new_tokens=12, do_sample=False)
+        ids = model.generate(**vlm.model_inputs(batch), max_new_tokens=12, do_sample=False)
     theirs = processor.tokenizer.batch_decode(ids[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
     assert [o[0] for o in ours] == theirs
     assert all(a == b for a, b in ours)            # at temperature 0 the n copies of a prompt agree
@@ -313,9 +316,9 @@ def test_generate_samples_differ_and_follow_the_seed(tiny):
     model, processor = tiny
     prompts = [([image()], "Describe the picture.")]
     torch.manual_seed(0)
-    a = common.generate(model, processor, prompts, "cpu", max_new_tokens=10, temperature=1.5, n=6)
+    a = vlm.generate(model, processor, prompts, "cpu", max_new_tokens=10, temperature=1.5, n=6)
     torch.manual_seed(0)
-    b = common.generate(model, processor, prompts, "cpu", max_new_tokens=10, temperature=1.5, n=6)
+    b = vlm.generate(model, processor, prompts, "cpu", max_new_tokens=10, temperature=1.5, n=6)
     assert a == b and len(set(a[0])) > 1
 
 
@@ -324,11 +327,11 @@ def test_visual_tokens_equal_the_towers_own_and_run_once_per_medium(tiny):
     forward would compute, with the tower run once over the two distinct pictures."""
     model, processor = tiny
     red, blue = image(), image((30, 30, 200))
-    encs = common.encode_many(processor, [([red, blue], "Which is better?", None), ([red], "Score it.", None)])
+    encs = vlm.encode_many(processor, [([red, blue], "Which is better?", None), ([red], "Score it.", None)])
     pixels = [dict(e) for e in encs]
     seen = []
     hook = model.model.visual.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
-    common.visual_tokens(model, encs, "cpu")
+    vlm.visual_tokens(model, encs, "cpu")
     hook.remove()
     assert seen == [2 * 64]                        # one run over 2 distinct pictures of 8x8 patches
     for e, p in zip(encs, pixels):
@@ -341,7 +344,7 @@ def test_visual_tokens_equal_the_towers_own_and_run_once_per_medium(tiny):
 def test_stochastic_rounding_is_exact_on_average():
     x = torch.randn(4096) * 3
     lo = x.to(torch.bfloat16)                                 # round to nearest: one neighbour
-    draws = torch.stack([common.stochastic_round(x, torch.Generator().manual_seed(s)).float() for s in range(400)])
+    draws = torch.stack([vlm.stochastic_round(x, torch.Generator().manual_seed(s)).float() for s in range(400)])
     spacing = (lo.float().abs() * 2 ** -7).clamp_min(1e-30)   # bf16 keeps 8 bits of mantissa
     assert ((draws - x).abs() <= spacing * 1.01).all()        # always one of the two neighbours of x
     bias = (draws.mean(0) - x) / spacing
@@ -356,7 +359,7 @@ def test_adamw16_moves_bf16_weights_by_steps_below_their_rounding():
     runs = {}
     for name in ("fp32", "torch-bf16", "adamw16"):
         w = torch.nn.Parameter(torch.ones(256, dtype=torch.float32 if name == "fp32" else torch.bfloat16))
-        opt = common.AdamW16([w], lr=1e-4) if name == "adamw16" else torch.optim.AdamW([w], lr=1e-4, weight_decay=0)
+        opt = vlm.AdamW16([w], lr=1e-4) if name == "adamw16" else torch.optim.AdamW([w], lr=1e-4, weight_decay=0)
         for _ in range(100):
             w.grad = grad.to(w.dtype)
             opt.step()
@@ -373,7 +376,7 @@ def test_adamw16_resumes_as_an_uninterrupted_run():
 
     def run(steps, state=None, w0=None):
         w = torch.nn.Parameter((torch.zeros(64, 8) if w0 is None else w0).to(torch.bfloat16))
-        opt = common.AdamW16([w], lr=0.1, weight_decay=0.1)
+        opt = vlm.AdamW16([w], lr=0.1, weight_decay=0.1)
         if state:
             opt.load_state_dict(state)
         for _ in range(steps):
@@ -396,7 +399,7 @@ def test_adamw16_buckets_cut_large_tensors_and_update_them_as_one():
     results = []
     for bucket in (100, 10 ** 6):
         ws = [torch.nn.Parameter(torch.ones(s, dtype=torch.bfloat16)) for s in shapes]
-        opt = common.AdamW16(ws, lr=0.05, bucket=bucket)
+        opt = vlm.AdamW16(ws, lr=0.05, bucket=bucket)
         assert [[(a, b) for _, a, b in pieces] for pieces in opt._buckets(ws)] == (
             [[(0, 100)], [(100, 200)], [(200, 250), (0, 30)], [(0, 40)]] if bucket == 100 else
             [[(0, 250), (0, 30), (0, 40)]])

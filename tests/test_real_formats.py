@@ -9,6 +9,8 @@ import torch
 from PIL import Image
 
 import common
+import judging
+import vlm
 from conftest import stage
 from toy import world
 
@@ -204,10 +206,9 @@ def test_benchmarks_run_with_the_same_judge(benches, toy, tmp_path):
 def test_generate_judging_counts_unparsed_verdicts(benches, toy, tmp_path):
     """The path for judges that reason first: a verdict that cannot be parsed is counted and scored
     wrong, never read as 'Image 1'. The barely trained test base writes no verdicts at all."""
-    import common as c
-    model, processor = c.load_model(toy / "base"), c.load_processor(toy / "base")
+    model, processor = vlm.load_model(toy / "base"), vlm.load_processor(toy / "base")
     cfg = ev.Config(image_generator="", judge="generate", template="short")
-    skips = c.SkipLog(tmp_path / "skipped.jsonl")
+    skips = common.SkipLog(tmp_path / "skipped.jsonl")
     res = ev.run_benchmark("genai-image", str(benches / "genai_image"), model, processor, cfg, "cpu", skips)
     assert res["n"] == 4 and res["unparsed"] == 4 and res["tau"] == 0.0 and res["diff"] == 0.0
 
@@ -216,10 +217,10 @@ def test_a_judge_without_preference_scores_at_chance():
     """Exactly equal probabilities earn half a point, not the first position; a tie verdict on a pair
     that is not a tie is wrong."""
     no_preference = [[0.5, 0.5, 0.0]] * 4
-    a = common.pair_accuracy(no_preference, [1, 1, 1, 2])
+    a = judging.pair_accuracy(no_preference, [1, 1, 1, 2])
     assert a["diff"] == a["tau"] == 0.5
     always_tie = [[0.0, 0.0, 1.0]] * 4
-    a = common.pair_accuracy(always_tie, [1, 2, 1, 0])
+    a = judging.pair_accuracy(always_tie, [1, 2, 1, 0])
     assert a["diff"] == 0.0 and a["tau"] == 0.25
     m = ev.benchmark_metrics("vlrewardbench", [{"label": 1, "p": [0.5, 0.5, 0.0], "group": "General"}] * 10)
     assert m["overall"] == m["macro"] == 0.5
@@ -234,7 +235,7 @@ def test_benchmark_pairs_are_shown_in_a_seeded_random_order(benches, toy, tmp_pa
         {"id": f"wildvision_{k}", "query": "What is it?", "response": ["A cat.", f"A dog {k}."], "image": "i.png",
          "human_ranking": [0, 1]}) for k in range(40)))
     first_always = lambda model, processor, records, media, *a, **k: torch.tensor([[1.0, 0.0, 0.0]] * len(records))
-    monkeypatch.setattr(common, "judge_pairwise", first_always)
+    monkeypatch.setattr(judging, "judge_pairwise", first_always)
     res = ev.run_benchmark("vlrewardbench", str(vl), None, None, ev.Config(), "cpu",
                            common.SkipLog(tmp_path / "skipped.jsonl"))
     records, media = ev.benchmark_records("vlrewardbench", *ev.load_rows("vlrewardbench", str(vl)),
@@ -283,7 +284,7 @@ def test_empty_benchmarks_say_so_and_empty_metrics_show_na(tmp_path):
 
 
 def test_benchmark_rows_too_long_are_skipped_and_counted(benches, toy, tmp_path):
-    model, processor = common.load_model(toy / "base"), common.load_processor(toy / "base")
+    model, processor = vlm.load_model(toy / "base"), vlm.load_processor(toy / "base")
     skips = common.SkipLog(tmp_path / "skipped.jsonl")
     res = ev.run_benchmark("genai-image", str(benches / "genai_image"), model, processor, ev.Config(image_generator="", max_len=20),
                            "cpu", skips)

@@ -6,6 +6,8 @@ import re
 import numpy as np
 
 import common
+import judging
+import vlm
 from conftest import BASE, stage
 from toy import pretrain_base as pretrain
 from toy import probe, world
@@ -48,7 +50,7 @@ def test_rewritten_training_answers_keep_their_truth():
     for r, t in zip(records, truths):
         row = {"scene": t["scene"], "asked": t["asked"]}
         assert [n_right(a, row) for a in r["responses"]] == t["n_right"]
-        assert r["question"] == common.render_question(r["task"], r["kind"], r["prompt"], r["responses"], r["scale"])
+        assert r["question"] == judging.render_question(r["task"], r["kind"], r["prompt"], r["responses"], r["scale"])
         for a in r["responses"]:
             forms["long"] += len(a.split(", ")) > len(t["asked"])
             forms["other kind"] += len(a.split(", ")) == len(t["asked"]) and any(
@@ -122,7 +124,7 @@ def test_pretraining_runs_and_saves_a_loadable_checkpoint(tmp_path, monkeypatch)
     corpus = pretrain.world_corpus(cfg.seed)
     model, processor = pretrain.pretrain(cfg, corpus)
     common.save_checkpoint(model, processor, tmp_path / "base")
-    reloaded = common.load_model(tmp_path / "base")
+    reloaded = vlm.load_model(tmp_path / "base")
     assert all(torch_equal(a, b) for a, b in zip(model.state_dict().values(), reloaded.state_dict().values()))
     rows = probe.run(tmp_path / "base", n=4)
     assert {"image colour check", "video direction check", "image quality describe", "video question answer"} <= set(rows)

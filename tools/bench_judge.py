@@ -1,6 +1,6 @@
 """Pairwise judgments per second: the one-forward readout against generate + strict parsing (run after 02).
 
-03 and 05 read a verdict from one teacher-forced forward pass (common.answer_probs) instead of letting
+03 and 05 read a verdict from one teacher-forced forward pass (judging.answer_probs) instead of letting
 the judge write its answer and parsing it. This times both on the same generation pairs from 01's
 candidates, with the same judge and batch size, one after the other in one process.
 

@@ -29,12 +29,13 @@ import torch
 torch.set_num_threads({threads})
 stage = importlib.import_module('03_build_pairs')
 import common
+import vlm
 start = {{}}
-generate = common.generate
+generate = vlm.generate
 def timed(*a, **k):
     start.setdefault('t', time.time())
     return generate(*a, **k)
-common.generate = timed
+vlm.generate = timed
 cfg = stage.Config(data_dir={data!r}, policy={policy!r}, reward={reward!r}, out_dir={out!r})
 stage.main(cfg)
 print('RESULT', json.dumps({{'seconds': time.time() - start['t']}}))

@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
+import vlm  # noqa: E402
 
 judge = importlib.import_module("02_train_reward")
 
@@ -29,8 +30,8 @@ def judge_runner(base: str, data_dir: str):
     cfg = judge.Config(base=base, data_dir=data_dir)
     skips = common.SkipLog(Path(tempfile.mkdtemp()) / "skipped.jsonl")   # nothing written beside the data
     records = judge.load_records(cfg, "train", skips)
-    processor = common.load_processor(base)
-    model = common.load_model(base, train=True)
+    processor = vlm.load_processor(base)
+    model = vlm.load_model(base, train=True)
     model.model.visual.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, foreach=True)

@@ -2,7 +2,7 @@
 utilisation (MFU) and peak memory for each memory option.
 
 Random-weight Qwen2.5-VL models of the 3B and 7B shapes (their config.json) go through 02's and 04's
-own step: 02's reward loss with the frozen tower's tokens computed first (common.visual_tokens), then
+own step: 02's reward loss with the frozen tower's tokens computed first (vlm.visual_tokens), then
 backward, clipping and the optimizer; 04's pair log-probs (chosen and rejected in one forward, the
 processor included) and DPO + NLL loss. Inputs are realistic: sequences of --seq-len tokens, half of
 them a pair of 512x512 pictures (324 tokens each at the paper's 262,144-pixel cap) with a short
@@ -33,6 +33,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
+import vlm  # noqa: E402
 from toy.tiny_vlm import TINY, processor_and_config  # noqa: E402
 
 train = importlib.import_module("02_train_reward")
@@ -70,10 +71,10 @@ def examples(processor, n: int, seq_len: int, tiny: bool):
             answer_words, kind = 300, "pointwise"
         answer = " ".join(rng.choice(WORDS, answer_words)) + " Final Score: 4" if answer_words else answer
         filler = list(rng.choice(WORDS, 8 * seq_len))
-        length = lambda w: len(common.encode(processor, media, " ".join(filler[:w]), answer, 10 ** 6)["input_ids"])
+        length = lambda w: len(vlm.encode(processor, media, " ".join(filler[:w]), answer, 10 ** 6)["input_ids"])
         base, per_word = length(64), (length(128) - length(64)) / 64   # grow the question to about seq_len
         question = " ".join(filler[:max(1, 64 + int((seq_len - base) / per_word))])
-        enc = common.encode(processor, media, question, answer, max_len=10 ** 6)
+        enc = vlm.encode(processor, media, question, answer, max_len=10 ** 6)
         out.append((media, question, answer, kind, enc))
     return out
 
@@ -101,13 +102,13 @@ def bench(shape: str, stage: str, precision: str, ckpt: bool, batch: int, seq_le
         from transformers import AutoModelForImageTextToText
         model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
     build_s = time.time() - t
-    common.prepare_for_training(model, ckpt, compile_layers)
+    vlm.prepare_for_training(model, ckpt, compile_layers)
     if stage == "02":
         model.model.visual.requires_grad_(False)
         if device == "cuda":
             model.model.visual.to(torch.bfloat16)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = common.make_optimizer(params, precision, 1e-5, 0.0)
+    opt = vlm.make_optimizer(params, precision, 1e-5, 0.0)
     n_params = sum(p.numel() for p in params)
     exs = examples(processor, batch * (2 if stage == "04" else 1), seq_len, tiny)
     pad = processor.tokenizer.pad_token_id
@@ -116,9 +117,9 @@ def bench(shape: str, stage: str, precision: str, ckpt: bool, batch: int, seq_le
         torch.cuda.reset_peak_memory_stats()
     times, flops = [], 0.0
     if stage == "04":   # the sequences 04's step encodes, for counting its tokens and FLOPs
-        encs = common.encode_many(processor, [(exs[2 * i][0], exs[2 * i][1], exs[2 * i + s][2])
+        encs = vlm.encode_many(processor, [(exs[2 * i][0], exs[2 * i][1], exs[2 * i + s][2])
                                               for s in (0, 1) for i in range(batch)], 10 ** 6)
-        dpo_batch = (common.collate(encs, pad), sum(int(e[k].shape[0]) for e in encs
+        dpo_batch = (vlm.collate(encs, pad), sum(int(e[k].shape[0]) for e in encs
                                                     for k in ("pixel_values", "pixel_values_videos") if k in e))
 
     spent: dict = {}
@@ -139,9 +140,9 @@ def bench(shape: str, stage: str, precision: str, ckpt: bool, batch: int, seq_le
         if stage == "02":
             encs = [dict(e) for *_, e in exs]
             patches = sum(int(e[k].shape[0]) for e in encs for k in ("pixel_values", "pixel_values_videos") if k in e)
-            common.visual_tokens(model, encs, device)
+            vlm.visual_tokens(model, encs, device)
             mark("tower")
-            b = common.to_device(common.collate(encs, pad), device)
+            b = vlm.to_device(vlm.collate(encs, pad), device)
             mark("collate")
             with common.autocast(device):
                 loss, _ = train.reward_loss(model, b, [k for *_, k, _ in exs], None, 0.0)
@@ -186,7 +187,7 @@ def bench(shape: str, stage: str, precision: str, ckpt: bool, batch: int, seq_le
     sec = statistics.median(times)
     row = dict(shape=shape, stage=stage, precision=precision, grad_checkpointing=ckpt, batch=batch, compiled=compile_layers,
                tokens_per_step=tokens, trained_params_b=round(n_params / 1e9, 2),
-               bytes_per_param=common.BYTES_PER_PARAM[precision], build_s=round(build_s, 1),
+               bytes_per_param=vlm.BYTES_PER_PARAM[precision], build_s=round(build_s, 1),
                step_s=round(sec, 3), tokens_per_s=round(tokens / sec), tflops=round(flops / sec / 1e12, 1),
                mfu=round(flops / sec / PEAK_BF16, 3))
     if phases:

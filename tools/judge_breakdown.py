@@ -33,6 +33,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
+import judging  # noqa: E402
+import vlm  # noqa: E402
 
 from toy import world as prep  # noqa: E402
 
@@ -84,7 +86,7 @@ def breakdown(records: list[dict], truths: list[dict], preds: list[dict], single
         if r["kind"] == "pairwise":
             if r["label"] == 0:
                 continue
-            right = common.pairwise_verdict(p["p"], ties=False) == r["label"]
+            right = judging.pairwise_verdict(p["p"], ties=False) == r["label"]
         else:
             right = p["score"] == r["score"]
         c = counts[(r["task"], r["kind"], category(r["task"], r["kind"], t, r["label"], r["score"]))]
@@ -148,8 +150,8 @@ def main():
     a = ap.parse_args()
     common.set_seed(a.seed)
     device = common.get_device()
-    model = common.load_model(a.model, device).eval()
-    processor = common.load_processor(a.model)
+    model = vlm.load_model(a.model, device).eval()
+    processor = vlm.load_processor(a.model)
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
         records, truths = fresh_examples(a.n, a.seed, Path(tmp))
         preds = stage2.judge_records(model, processor, records, tmp, device)
@@ -157,7 +159,7 @@ def main():
         alone = stage2.judge_records(model, processor, [s for r in pairs for s in single_items(r)], tmp, device)
         singles = {r["id"]: (a["expected"], b["expected"]) for r, a, b in zip(pairs, alone[::2], alone[1::2])}
         d_records, d_media, d_truths = direction_items(a.clips, a.seed)
-        expected, best = common.judge_pointwise(model, processor, d_records, d_media, device)
+        expected, best = judging.judge_pointwise(model, processor, d_records, d_media, device)
     print(table(breakdown(records, truths, preds, singles)))
     print()
     print(direction_table(d_truths, expected, best))

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 
 import common
+import judging
+import vlm
 from toy import probe, world
 from toy.tiny_vlm import TINY, build_tiny_vlm
 
@@ -144,7 +146,7 @@ def toy_corpus(records, prompts, gen_rows) -> list[str]:
             texts.append(world.description(medium, scene))
     for task in common.TASKS:   # every verdict the judge can give, whatever the data happens to contain
         for kind in common.KINDS:
-            texts += [a for _, a in common.verdict_candidates(task, kind, (0, 9))]
+            texts += [a for _, a in judging.verdict_candidates(task, kind, (0, 9))]
     return texts
 
 
@@ -226,13 +228,13 @@ def pretrain(cfg: Config, corpus: list[str]):
                 group["lr"] = common.lr_at(step, steps, peak, warmup)
             examples = [base_example(rng, qa_share, cfg.verify_share, cfg.multi_share, defects, strength)
                         for _ in range(cfg.batch)]
-            encoded = common.encode_many(processor, [([world.as_media(m, px) for px in pixels], q, a)
+            encoded = vlm.encode_many(processor, [([world.as_media(m, px) for px in pixels], q, a)
                                                      for m, pixels, q, a, _ in examples])
-            batch = common.to_device(common.collate(encoded, pad), device)
+            batch = vlm.to_device(vlm.collate(encoded, pad), device)
             shown = [w for kind in ("image", "video") for e in examples if e[0] == kind for w in e[4]]
             ids, target = grounding_targets(processor, shown)
             with common.autocast(device):
-                ce = -common.answer_token_logps(model, batch)[0].mean()     # cross-entropy on the answer tokens
+                ce = -vlm.answer_token_logps(model, batch)[0].mean()     # cross-entropy on the answer tokens
                 logits = model.lm_head(visual.pooled(batch))[:, ids].float()  # (n_media, K)
             ground = torch.nn.functional.binary_cross_entropy_with_logits(logits, target.to(device))
             loss = ce + cfg.ground * ground

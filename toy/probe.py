@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 import common
+import vlm
 from toy import world
 
 
@@ -117,11 +118,11 @@ def run(model_dir, n: int = 240, seed: int = 0) -> dict[str, float]:
     """Probe a checkpoint folder on n scenes of each kind: {"medium attribute kind": share right}."""
     common.set_seed(seed)
     device = common.get_device()
-    model = common.load_model(model_dir, device).eval()
-    processor = common.load_processor(model_dir)
+    model = vlm.load_model(model_dir, device).eval()
+    processor = vlm.load_processor(model_dir)
     items = probe_items(n, seed) + quality_items(n, seed) + question_items(n, seed)
     with torch.no_grad():
-        outputs = [o[0] for o in common.generate(model, processor, [(it["media"], it["question"]) for it in items],
+        outputs = [o[0] for o in vlm.generate(model, processor, [(it["media"], it["question"]) for it in items],
                                                  device, max_new_tokens=16, batch_size=48)]
     return score(items, outputs)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from common import END_OF_TURN
+from vlm import END_OF_TURN
 
 # The chat template of the tiny model: Qwen's format (<|im_start|>role\n ... <|im_end|>\n) with media
 # first in the user turn, each labelled "Picture k: " / "Video k: " when add_vision_id is set, exactly

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 import common
+import judging
 
 # ---------------------------------------------------------------------------------------------
 # the toy world
@@ -228,7 +229,7 @@ def malform_answers(records: list[dict], truths: list[dict], share: float, rng) 
         if new != r["responses"]:
             changed += sum(a != b for a, b in zip(new, r["responses"]))
             r["responses"] = new
-            r["question"] = common.render_question(r["task"], r["kind"], r["prompt"], new, r["scale"])
+            r["question"] = judging.render_question(r["task"], r["kind"], r["prompt"], new, r["scale"])
     return changed
 
 
@@ -403,8 +404,8 @@ def write_reward_split(split: str, n: int, rng, writer: MediaWriter) -> tuple[li
 def toy_record(rid: str, task: str, kind: str, paths: list[str], fields: dict) -> dict:
     """A unified record (DESIGN.md section 4) from judge_example's fields and the written media."""
     return {"id": rid, "source": "toy", "task": task, "kind": kind, "media": paths, **fields,
-            "question": common.render_question(task, kind, fields["prompt"], fields["responses"], fields["scale"]),
-            "answer": common.render_answer(task, kind, fields["label"], fields["score"])}
+            "question": judging.render_question(task, kind, fields["prompt"], fields["responses"], fields["scale"]),
+            "answer": judging.render_answer(task, kind, fields["label"], fields["score"])}
 
 
 def write_policy_prompts(split: str, n: int, rng, writer: MediaWriter) -> list[dict]:
