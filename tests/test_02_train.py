@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+import feeding
 import judging
 import vlm
 from conftest import stage
@@ -45,7 +46,7 @@ def test_loss_matches_independent_computation(tiny, toy):
     encs, kinds, decisive = [], [], []
     for r in recs:
         e = vlm.encode(processor, common.load_media(r["media"], toy / "data"), r["question"], r["answer"])
-        d = train.decisive_tokens(processor.tokenizer, r)
+        d = feeding.decisive_tokens(processor.tokenizer, r)
         n = int((~e["answer_mask"]).sum())
         decisive.append(None if d is None else (n + d[0], d[1], d[2]))
         encs.append(e)
@@ -174,8 +175,8 @@ def test_cached_batches_equal_fresh_ones(toy, tmp_path):
     data = small_data(toy, tmp_path, recs)
     processor = vlm.load_processor(toy / "base")
     skips = common.SkipLog(tmp_path / "skipped.jsonl")
-    cached = train.Batches(recs, processor, config(toy, tmp_path, data, batch_size=4), skips, seed=0)
-    fresh = train.Batches(recs, processor, config(toy, tmp_path, data, batch_size=4, cache_gb=0), skips, seed=0)
+    cached = feeding.Batches(recs, processor, config(toy, tmp_path, data, batch_size=4), skips, seed=0)
+    fresh = feeding.Batches(recs, processor, config(toy, tmp_path, data, batch_size=4, cache_gb=0), skips, seed=0)
     for _ in range(4):                            # 16 draws from 6 records: later batches come from the cache
         (a, ka, da), (b, kb, db) = cached.next(), fresh.next()
         assert ka == kb and da == db and a.keys() == b.keys()
@@ -192,8 +193,8 @@ def test_frozen_tower_features_train_the_same(toy, tmp_path):
     model = vlm.load_model(toy / "base", train=True)
     model.model.visual.requires_grad_(False)
     skips = common.SkipLog(tmp_path / "skipped.jsonl")
-    pixels = train.Batches(recs, processor, config(toy, tmp_path, data, batch_size=4), skips, seed=0)
-    tokens = train.Batches(recs, processor, config(toy, tmp_path, data, batch_size=4), skips, seed=0, frozen=model)
+    pixels = feeding.Batches(recs, processor, config(toy, tmp_path, data, batch_size=4), skips, seed=0)
+    tokens = feeding.Batches(recs, processor, config(toy, tmp_path, data, batch_size=4), skips, seed=0, frozen=model)
     calls = {"n": 0}
     model.model.visual.register_forward_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))
     for i in range(4):                            # 16 draws of 6 records: the last two batches come from the cache
@@ -229,8 +230,8 @@ def test_the_cache_turns_itself_off_when_the_set_would_not_fit(toy, tmp_path, ca
     data = small_data(toy, tmp_path, recs)
     processor = vlm.load_processor(toy / "base")
     skips = common.SkipLog(tmp_path / "skipped.jsonl")
-    small = train.Batches(recs, processor, config(toy, tmp_path, data, batch_size=8, cache_gb=1e-6), skips, seed=0)
-    roomy = train.Batches(recs, processor, config(toy, tmp_path, data, batch_size=8), skips, seed=0)
+    small = feeding.Batches(recs, processor, config(toy, tmp_path, data, batch_size=8, cache_gb=1e-6), skips, seed=0)
+    roomy = feeding.Batches(recs, processor, config(toy, tmp_path, data, batch_size=8), skips, seed=0)
     for _ in range(10):
         (a, ka, da), (b, kb, db) = small.next(), roomy.next()
         assert ka == kb and da == db and all(torch.equal(a[k], b[k]) for k in a)   # the same batches either way
@@ -246,7 +247,7 @@ def test_loader_workers_and_resume_draw_the_same_batches(toy, tmp_path):
     data = small_data(toy, tmp_path, recs)
     processor = vlm.load_processor(toy / "base")
     skips = common.SkipLog(tmp_path / "skipped.jsonl")
-    make = lambda workers: train.Batches(recs, processor, config(toy, tmp_path, data, batch_size=4, workers=workers,
+    make = lambda workers: feeding.Batches(recs, processor, config(toy, tmp_path, data, batch_size=4, workers=workers,
                                                                  cache_gb=0), skips, seed=0)
     alone, loaded = make(0), make(2)
     first = [alone.next()[0]["input_ids"] for _ in range(6)]
@@ -262,18 +263,18 @@ def test_loader_workers_and_resume_draw_the_same_batches(toy, tmp_path):
 def test_length_groups_cut_sorted_runs_of_about_equal_cost():
     import random
     # by hand: budget 8 packs [1 1 1 1] (cost 4) and [4 4] (cost 8); budget 7 would need three groups
-    groups = train.length_groups([4, 1, 1, 4, 1, 1], 2, random.Random(0))
+    groups = feeding.length_groups([4, 1, 1, 4, 1, 1], 2, random.Random(0))
     assert sorted(sorted(g) for g in groups) == [[0, 3], [1, 2, 4, 5]]
     rng = random.Random(1)
     lengths = [rng.choice([60, 70, 200, 220, 900]) + rng.randrange(10) for _ in range(64)]
-    groups = train.length_groups(lengths, 8, random.Random(0))
+    groups = feeding.length_groups(lengths, 8, random.Random(0))
     assert len(groups) == 8 and sorted(i for g in groups for i in g) == list(range(64))
     spans = sorted((min(lengths[i] for i in g), max(lengths[i] for i in g)) for g in groups)
     assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))      # runs of the sorted lengths
     cost = lambda gs: [len(g) * max(lengths[i] for i in g) for g in gs]
     drawn = [list(range(j, j + 8)) for j in range(0, 64, 8)]           # micro-batches as drawn
     assert sum(cost(groups)) < 0.7 * sum(cost(drawn)) and max(cost(groups)) <= max(cost(drawn))
-    assert len(train.length_groups([5, 5], 4, random.Random(0))) == 4   # fewer examples than groups: some empty
+    assert len(feeding.length_groups([5, 5], 4, random.Random(0))) == 4   # fewer examples than groups: some empty
 
 
 def test_length_grouped_batches_cover_each_draw_once_and_resume_inside_a_window(toy, tmp_path):
@@ -281,7 +282,7 @@ def test_length_grouped_batches_cover_each_draw_once_and_resume_inside_a_window(
     data = small_data(toy, tmp_path, recs)
     processor = vlm.load_processor(toy / "base")
     skips = common.SkipLog(tmp_path / "skipped.jsonl")
-    make = lambda k: train.Batches(recs, processor, config(toy, tmp_path, data, batch_size=4, length_groups=k),
+    make = lambda k: feeding.Batches(recs, processor, config(toy, tmp_path, data, batch_size=4, length_groups=k),
                                    skips, seed=0)
     plain, grouped = make(1), make(4)
     pads = {}

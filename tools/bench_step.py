@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
+import feeding  # noqa: E402
 import vlm  # noqa: E402
 
 judge = importlib.import_module("02_train_reward")
@@ -35,7 +36,7 @@ def judge_runner(base: str, data_dir: str):
     model.model.visual.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, foreach=True)
-    batches = judge.Batches(records, processor, cfg, skips, seed=0, frozen=model)
+    batches = feeding.Batches(records, processor, cfg, skips, seed=0, frozen=model)
     for _ in range(-(-len(records) // cfg.batch_size)):
         batches.next()
 
