@@ -281,8 +281,8 @@ def to_device(batch: dict, device) -> dict:
 
 def model_inputs(batch: dict) -> dict:
     """The batch minus our own bookkeeping (answer_mask), i.e. exactly what the model's forward takes.
-    Visual tokens computed beforehand (image_embeds / video_embeds: (tokens, H), see 02's
-    `frozen_tower_features`) go in as the vision tower's output, which the model then skips running."""
+    Visual tokens computed beforehand (image_embeds / video_embeds: (tokens, H), see `visual_tokens`)
+    go in as the vision tower's output, which the model then skips running."""
     inputs = {k: v for k, v in batch.items() if k not in ("answer_mask", "image_embeds", "video_embeds")}
     if "image_embeds" in batch or "video_embeds" in batch:
         from transformers.modeling_outputs import BaseModelOutputWithPooling
