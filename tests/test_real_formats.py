@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+import benchmarks
 import common
 import judging
 import vlm
@@ -164,20 +165,20 @@ def benches(tmp_path_factory):
 
 def test_benchmark_rows_map_to_records(benches):
     skips = common.SkipLog(benches / "skipped.jsonl")
-    rows, folder = ev.load_rows("vlrewardbench", str(benches / "vl"))
-    recs, media = ev.benchmark_records("vlrewardbench", rows, folder, skips)
+    rows, folder = benchmarks.load_rows("vlrewardbench", str(benches / "vl"))
+    recs, media = benchmarks.benchmark_records("vlrewardbench", rows, folder, skips)
     groups = {r["id"]: r["group"] for r in recs}
     assert groups["hallucination_pair-0001"] == groups["hallucination_pair-0002"] == "Hallucination"
     assert groups["povid_12"] == groups["RLAIF-V_3"] == "Hallucination"
     assert groups["mmmu-7"] == groups["mathverse_2"] == "Reasoning"
     assert groups["wildvision-battle_1"] == groups["vlfeedback_9"] == "General"
     assert [r["label"] for r in recs[:2]] == [1, 2]                      # human_ranking[0] == 0 -> response 0
-    rows, folder = ev.load_rows("genai-image", str(benches / "genai_image"))
-    recs, media = ev.benchmark_records("genai-image", rows, folder, skips)
+    rows, folder = benchmarks.load_rows("genai-image", str(benches / "genai_image"))
+    recs, media = benchmarks.benchmark_records("genai-image", rows, folder, skips)
     assert [r["label"] for r in recs] == [1, 2, 0, 0]                    # both tie votes are ties
     assert skips.total == 1 and "weird_vote" in (benches / "skipped.jsonl").read_text()
-    rows, folder = ev.load_rows("videogen", str(benches / "videogen"))
-    recs, media = ev.benchmark_records("videogen", rows, folder, skips)
+    rows, folder = benchmarks.load_rows("videogen", str(benches / "videogen"))
+    recs, media = benchmarks.benchmark_records("videogen", rows, folder, skips)
     assert [r["label"] for r in recs] == [1, 2, 0] and isinstance(media[0][0], common.Video)
 
 
@@ -238,7 +239,7 @@ def test_benchmark_pairs_are_shown_in_a_seeded_random_order(benches, toy, tmp_pa
     monkeypatch.setattr(judging, "judge_pairwise", first_always)
     res = ev.run_benchmark("vlrewardbench", str(vl), None, None, ev.Config(), "cpu",
                            common.SkipLog(tmp_path / "skipped.jsonl"))
-    records, media = ev.benchmark_records("vlrewardbench", *ev.load_rows("vlrewardbench", str(vl)),
+    records, media = benchmarks.benchmark_records("vlrewardbench", *benchmarks.load_rows("vlrewardbench", str(vl)),
                                           common.SkipLog(tmp_path / "s2.jsonl"))
     shown, _ = ev.random_order(records, media, ev.Config().seed)
     kept_first = sum(r["label"] == 1 for r in shown)
@@ -256,26 +257,26 @@ def test_local_benchmark_folders_in_every_published_layout(tmp_path):
         world.write_mp4(np.full((8, 32, 32, 3), 90, np.uint8), authors / name)
     (authors / "data.json").write_text(json.dumps(
         [{"prompt": "a car", "video_left": "l.mp4", "video_right": "r.mp4", "vote_type": "leftvote"}] * 3))
-    rows, folder = ev.load_rows("genai-video", str(authors))
-    recs, media = ev.benchmark_records("genai-video", rows, folder, common.SkipLog(tmp_path / "s.jsonl"))
+    rows, folder = benchmarks.load_rows("genai-video", str(authors))
+    recs, media = benchmarks.benchmark_records("genai-video", rows, folder, common.SkipLog(tmp_path / "s.jsonl"))
     assert len(recs) == 3 and all(isinstance(m[0], common.Video) for m in media)
     hub = tmp_path / "hub" / "image_generation"
     png(hub / "l.png")
     row = {"prompt": "a red square", "left_image": "l.png", "right_image": "l.png", "vote_type": "leftvote"}
     (hub / "test-00000-of-00001.jsonl").write_text(json.dumps(row))
     (hub / "test_v1-00000-of-00001.jsonl").write_text("\n".join([json.dumps(row)] * 5))
-    rows, _ = ev.load_rows("genai-image", str(tmp_path / "hub"))
+    rows, _ = benchmarks.load_rows("genai-image", str(tmp_path / "hub"))
     assert len(rows) == 1
 
 
 def test_empty_benchmarks_say_so_and_empty_metrics_show_na(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="no parquet, json or jsonl file under"):
-        ev.load_rows("videogen", str(tmp_path / "empty"))
+        benchmarks.load_rows("videogen", str(tmp_path / "empty"))
     (tmp_path / "blank").mkdir()
     (tmp_path / "blank" / "eval.jsonl").write_text("")
     with pytest.raises(SystemExit, match="videogen: "):
-        ev.load_rows("videogen", str(tmp_path / "blank"))
+        benchmarks.load_rows("videogen", str(tmp_path / "blank"))
     m = ev.benchmark_metrics("genai-image", [])
     assert math.isnan(m["tau"]) and math.isnan(m["diff"])
     assert "| genai-image | tau | n/a |" in ev.benchmarks_markdown({"genai-image": m})
