@@ -20,7 +20,9 @@ right on pictures, with doubled words ("yellowyellow, large").
 
 The generators are aligned on the judge's generation pairs with Diffusion-DPO (Wallace et al. 2023),
 the same objective with the likelihood replaced by the denoising error (see diffusion_dpo_loss); the
-paper does this for SDXL-Turbo and T2V-Turbo (section III-D, Tables VI-VII).
+paper does this for SDXL-Turbo and T2V-Turbo (section III-D, Tables VI-VII). As for the policy, the
+chosen sample's own denoising error is added (`gen_sft_weight`): the DPO term alone is satisfied
+fastest by raising the rejected sample's error, and the toy generator's samples then fell apart.
 
     python 04_dpo.py                      # toy: toy/base + runs/toy/pairs/pairs.jsonl -> runs/toy/policy
                                           #  and toy/generator_image + gen_pairs.jsonl -> runs/toy/generator_image
@@ -77,10 +79,11 @@ class Config:
     video_generator: str = ""                     # an AnimateDiff-style folder ("" = skip: no toy clip generator ships)
     gen_out: str = "runs/toy/generator"            # written as <gen_out>_image/, <gen_out>_video/
     gen_beta: float = 5000.0                       # Diffusion-DPO's beta (the paper's 5000, as Wallace et al.'s SDXL run)
-    gen_steps: int = 300                           # optimizer steps per generator
+    gen_steps: int = 600                           # optimizer steps per generator
     gen_batch: int = 16                            # pairs per micro-batch
     gen_accum: int = 1                             # micro-batches per optimizer step
-    gen_lr: float = 1e-4                           # AdamW peak learning rate (tiny UNet; Wallace et al.: 1e-8 x batch 2048 for SDXL)
+    gen_sft_weight: float = 5000.0                 # weight of the chosen samples' denoising error (in the units of beta)
+    gen_lr: float = 1e-5                           # AdamW peak learning rate (tiny UNet; Wallace et al.: 1e-8 x batch 2048 for SDXL)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,11 +274,11 @@ def train_generator(cfg: Config, task: str, source: str, skips) -> dict:
             with common.autocast(device):
                 mse_w, mse_l = pair_errors(gen, policy, w, l, h, t, noise, a)
             losses, preferred = diffusion_dpo_loss(mse_w, mse_l, ref_w, ref_l, cfg.gen_beta)
-            loss = losses.mean()
+            loss = losses.mean() + cfg.gen_sft_weight * mse_w.mean()
             if not torch.isfinite(loss):
                 raise common.nonfinite(f"the Diffusion-DPO loss is {loss.item()}", step, out, None)
             (loss / cfg.gen_accum).backward()
-            step_losses.append(loss.item())
+            step_losses.append(losses.mean().item())   # the Diffusion-DPO term: log 2 at the start
             step_acc.append(preferred.float().mean().item())
         norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.clip)
         if not torch.isfinite(norm):

@@ -4,7 +4,7 @@ toy/pretrain_generator.py into toy/generator_image/ and toy/generator_video/, fo
 `DiffusionPipeline.save_pretrained` writes (model_index.json, unet/, text_encoder/, tokenizer/,
 scheduler/), so diffusion.load_generator reads them with the calls a hub checkpoint takes.
 
-* Pictures: a pixel-space `UNet2DConditionModel` (3 channels in and out, 32 x 32, no VAE: at this size
+* Pictures: a pixel-space `UNet2DConditionModel` (3 channels in and out, 16 x 16, no VAE: at this size
   a latent space would save nothing) cross-attending to a tiny `CLIPTextModel`.
 * Clips: the same picture UNet turned into a `UNetMotionModel` with a `MotionAdapter`, the maintained
   AnimateDiff route: temporal attention over the 8 frames after each spatial block.
