@@ -23,12 +23,21 @@ def torchrun(script, args, out):
     return out
 
 
+def judge_args(toy):
+    return ["--data-dir", str(toy / "data"), "--base", str(toy / "base"), *ARGS]
+
+
+@pytest.fixture(scope="module")
+def one_process_judge(toy, tmp_path_factory):
+    """02 in one process, the reference both parallel runs are compared with."""
+    one = tmp_path_factory.mktemp("one")
+    train.main(common.parse_config(train.Config, judge_args(toy) + ["--out-dir", str(one)]))
+    return one
+
+
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_ranks_train_the_judge_like_one_process(toy, tmp_path, parallel):
-    data, base = toy / "data", toy / "base"
-    args = ["--data-dir", str(data), "--base", str(base), *ARGS]
-    one = tmp_path / "one"
-    train.main(common.parse_config(train.Config, args + ["--out-dir", str(one)]))
+def test_two_ranks_train_the_judge_like_one_process(toy, tmp_path, parallel, one_process_judge):
+    base, args, one = toy / "base", judge_args(toy), one_process_judge
     two = torchrun("02_train_reward.py", args + ["--parallel", parallel], tmp_path / parallel)
     a, b = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
     assert a.keys() == b.keys()
