@@ -111,15 +111,18 @@ def test_gen_pairs_round_trip_into_04_and_bad_pairs_are_counted(tiny, tmp_path):
         assert reader.read_image(px)["colour"] == caption.split()[1]
 
 
-def test_a_few_diffusion_dpo_steps_raise_the_implicit_accuracy(tiny, tmp_path):
+def train_on_pairs(tiny, tmp_path, **kw):
+    """04's generator part on 8 fixed pairs; the trained and the starting generator, and the pairs."""
     path = write_pairs(tmp_path, 8)
-    cfg = dpo.Config(gen_pairs=str(path), data_dir=str(tmp_path), image_generator=str(tiny), video_generator="",
-                     gen_out=str(tmp_path / "gen"), gen_steps=30, gen_batch=8, gen_lr=1e-3, gen_sft_weight=0.0,
-                     policy_part=False)
-    dpo.main(cfg)
+    dpo.main(dpo.Config(gen_pairs=str(path), data_dir=str(tmp_path), image_generator=str(tiny), video_generator="",
+                        gen_out=str(tmp_path / "gen"), gen_batch=8, gen_lr=1e-3, policy_part=False, **kw))
     gen, ref = diffusion.load_generator(str(tmp_path / "gen_image")), diffusion.load_generator(str(tiny))
     captions, x_w, x_l = dpo.load_gen_pairs(path, "image_generation", gen, tmp_path, common.SkipLog(tmp_path / "s.jsonl"))
-    hidden, _ = diffusion.encode_captions(gen, captions)
+    return gen, ref, x_w, x_l, diffusion.encode_captions(gen, captions)[0]
+
+
+def test_a_few_diffusion_dpo_steps_raise_the_implicit_accuracy(tiny, tmp_path):
+    gen, ref, x_w, x_l, hidden = train_on_pairs(tiny, tmp_path, gen_steps=30, gen_sft_weight=0.0)
     g = torch.Generator().manual_seed(1)
     accs, losses = [], []
     with torch.no_grad():
@@ -136,14 +139,7 @@ def test_a_few_diffusion_dpo_steps_raise_the_implicit_accuracy(tiny, tmp_path):
 def test_the_chosen_error_term_lowers_the_chosen_samples_error(tiny, tmp_path):
     """beta 0 turns the Diffusion-DPO term off (a constant log 2), leaving gen_sft_weight's term alone:
     training on it lowers the chosen pictures' denoising error on fresh noise against the reference."""
-    path = write_pairs(tmp_path, 8)
-    cfg = dpo.Config(gen_pairs=str(path), data_dir=str(tmp_path), image_generator=str(tiny), video_generator="",
-                     gen_out=str(tmp_path / "gen"), gen_steps=15, gen_batch=8, gen_lr=1e-3, gen_beta=0.0,
-                     gen_sft_weight=1.0, policy_part=False)
-    dpo.main(cfg)
-    gen, ref = diffusion.load_generator(str(tmp_path / "gen_image")), diffusion.load_generator(str(tiny))
-    captions, x_w, x_l = dpo.load_gen_pairs(path, "image_generation", gen, tmp_path, common.SkipLog(tmp_path / "s.jsonl"))
-    hidden, _ = diffusion.encode_captions(gen, captions)
+    gen, ref, x_w, x_l, hidden = train_on_pairs(tiny, tmp_path, gen_steps=15, gen_beta=0.0, gen_sft_weight=1.0)
     g = torch.Generator().manual_seed(1)
     t, noise = torch.randint(0, 1000, (8,), generator=g), torch.randn(x_w.shape, generator=g)
     with torch.no_grad():
