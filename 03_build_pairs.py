@@ -39,7 +39,7 @@ import vlm
 @dataclasses.dataclass
 class Config:
     data_dir: str = "runs/toy/data"    # prompts_train.jsonl, gen_candidates.jsonl and their media
-    policy: str = "toy/base"           # the policy that answers: hub id or folder (any Qwen2.5-VL)
+    policy: str = "toy/base"           # the policy that answers: hub id or folder (any Qwen2.5-VL; "" = generation only)
     reward: str = "runs/toy/reward"    # the judge: hub id or folder
     out_dir: str = "runs/toy/pairs"    # candidates.jsonl, pairs.jsonl, gen_pairs.jsonl, sheet.png
     template: str = "short"            # judge prompt wording: short (toy) or paper (released judges)
@@ -59,8 +59,8 @@ class Config:
                                        # checkpoint's own for short, 16,384 for paper)
     image_generator: str = "toy/generator_image"  # samples the picture candidates: any diffusers text-to-image folder
                                        # or hub id ("" = the candidates listed in gen_candidates.jsonl)
-    video_generator: str = ""          # an AnimateDiff-style folder for clips ("" = the listed candidates: no toy
-                                       # clip generator ships yet)
+    video_generator: str = ""          # an AnimateDiff-style folder for clips, as toy/generator_video ("" = the listed
+                                       # candidates: sampling the toy's 600 clips costs minutes, so the default lists them)
     gen_steps: int = 20                # denoising steps per sample (DDIM)
     guidance: float = 3.0              # classifier-free guidance weight
     gen_px: int = 64                   # saved pictures are upscaled (nearest) to this size, the toy media's (0 = as sampled)
@@ -315,7 +315,8 @@ def main(cfg: Config) -> dict:
     out, data = Path(cfg.out_dir), Path(cfg.data_dir)
     common.require(data / "prompts_train.jsonl", "--data-dir", "01_prepare_data.py", hub_ok=False)
     common.require(cfg.reward, "--reward", "02_train_reward.py")
-    common.require(cfg.policy, "--policy", "python -m toy.pretrain_base")
+    if cfg.policy:
+        common.require(cfg.policy, "--policy", "python -m toy.pretrain_base")
     root = common.output_dir(out)
     out = common.output_dir(root / f"rank{rank}") if world > 1 else root   # this rank's lines
     cand_path = out / "candidates.jsonl"
@@ -330,14 +331,15 @@ def main(cfg: Config) -> dict:
             (out / name).write_text("")
     skips = common.SkipLog(out / "skipped.jsonl", resume=cfg.resume)
     judge = Judge(cfg, device)
-    policy = vlm.load_model(cfg.policy, device).eval()
-    policy_proc = vlm.load_processor(cfg.policy, cfg.max_pixels, cfg.frame_pixels)
+    if cfg.policy:
+        policy = vlm.load_model(cfg.policy, device).eval()
+        policy_proc = vlm.load_processor(cfg.policy, cfg.max_pixels, cfg.frame_pixels)
 
     # --- understanding: the policy answers, the judge ranks and sifts -----------------------------
     # Each chunk of prompts is sampled from a seed of its own, all of it, even when some of its prompts
     # were finished before an interruption: a resumed run then draws exactly the answers of one that
     # was never stopped (a batch's samples depend on the whole batch and on the random state).
-    prompts = common.read_jsonl(data / "prompts_train.jsonl", skips)
+    prompts = common.read_jsonl(data / "prompts_train.jsonl", skips) if cfg.policy else []
     for c in range(0, len(prompts), cfg.chunk):
         if (c // cfg.chunk) % world != rank or all(p["id"] in done for p in prompts[c:c + cfg.chunk]):
             continue

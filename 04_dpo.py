@@ -76,14 +76,15 @@ class Config:
     # --- Diffusion-DPO of the generators on gen_pairs.jsonl (a task is trained when its generator is given)
     gen_pairs: str = "runs/toy/pairs/gen_pairs.jsonl"
     image_generator: str = "toy/generator_image"  # diffusers folder or hub id ("" = skip picture generation)
-    video_generator: str = ""                     # an AnimateDiff-style folder ("" = skip: no toy clip generator ships)
+    video_generator: str = ""                     # an AnimateDiff-style folder, as toy/generator_video ("" = skip; the
+                                                  # README's clip commands run it on 03's sampled clips)
     gen_out: str = "runs/toy/generator"            # written as <gen_out>_image/, <gen_out>_video/
     gen_beta: float = 5000.0                       # Diffusion-DPO's beta (the paper's 5000, as Wallace et al.'s SDXL run)
     gen_steps: int = 600                           # optimizer steps per generator
     gen_batch: int = 16                            # pairs per micro-batch
     gen_accum: int = 1                             # micro-batches per optimizer step
     gen_sft_weight: float = 5000.0                 # weight of the chosen samples' denoising error (in the units of beta)
-    gen_lr: float = 1e-5                           # AdamW peak learning rate (tiny UNet; Wallace et al.: 1e-8 x batch 2048 for SDXL)
+    gen_lr: float = 1.5e-5                         # AdamW peak learning rate (tiny UNet; Wallace et al.: 1e-8 x batch 2048 for SDXL)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -52,7 +52,7 @@ class Config:
     batch_size: int = 16                   # sequences per forward pass
     base_image_generator: str = "toy/generator_image"       # the picture generator before Diffusion-DPO
     image_generator: str = "runs/toy/generator_image"       # ... and after ("" = skip)
-    base_video_generator: str = ""                           # the clip generator before ("" = skip: none ships)
+    base_video_generator: str = ""                           # the clip generator before, as toy/generator_video ("" = skip)
     video_generator: str = "runs/toy/generator_video"
     gen_seeds: int = 24                    # samples per caption, at seeds 03 never draws
     gen_steps: int = 20                    # denoising steps per sample, as 03

@@ -1,5 +1,5 @@
 """The generators' half: Diffusion-DPO's loss and its pairs, the sampling loop, the toy's ground-truth
-reader, and the shipped picture generator. Tiny random-weight generators at 16 px: seconds each."""
+reader, and the shipped picture and clip generators. Tiny random-weight generators at 16 px: seconds each."""
 import hashlib
 import json
 import math
@@ -18,6 +18,7 @@ from toy.tiny_generator import build_generator
 
 dpo = stage("04_dpo")
 SHIPPED = ROOT / "toy" / "generator_image"
+SHIPPED_VIDEO = ROOT / "toy" / "generator_video"
 
 
 @pytest.fixture(scope="module")
@@ -185,15 +186,34 @@ def test_reader_is_exact_on_rendered_media_at_every_size(medium):
     assert reader.read(medium, empty[0] if medium == "image" else empty)["colour"] is None
 
 
-def test_shipped_generator_matches_its_manifest_and_loads():
-    manifest = json.loads((SHIPPED / "MANIFEST.json").read_text())
-    files = {str(p.relative_to(SHIPPED)) for p in SHIPPED.rglob("*") if p.is_file() and p.name != "MANIFEST.json"}
+@pytest.mark.parametrize("medium", ["image", "video"])
+def test_shipped_generator_matches_its_manifest_and_loads(medium):
+    folder = SHIPPED if medium == "image" else SHIPPED_VIDEO
+    manifest = json.loads((folder / "MANIFEST.json").read_text())
+    files = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != "MANIFEST.json"}
     assert files == set(manifest["files"])
     for name, digest in manifest["files"].items():
-        assert hashlib.sha256((SHIPPED / name).read_bytes()).hexdigest() == digest, name
-    assert manifest["command"].startswith("python -m toy.pretrain_generator")
-    gen = diffusion.load_generator(str(SHIPPED))
-    assert gen.medium == "image" and gen.vae is None
+        assert hashlib.sha256((folder / name).read_bytes()).hexdigest() == digest, name
+    assert manifest["command"].startswith(f"python -m toy.pretrain_generator --medium {medium}")
+    gen = diffusion.load_generator(str(folder))
+    assert gen.medium == medium and gen.vae is None
+
+
+def test_a_clip_generator_starts_from_the_picture_generators_weights(tiny, tmp_path):
+    """AnimateDiff's inflation: the spatial layers and the text encoder are the picture generator's,
+    the motion modules are new; one sample is (F, H, W, 3)."""
+    picture = diffusion.load_generator(str(tiny))
+    parts = build_generator("video", tmp_path, seed=1, picture=picture)
+    spatial = picture.unet.state_dict()
+    inflated = parts["unet"].state_dict()
+    shared = [k for k in spatial if k in inflated]
+    assert len(shared) > 0.9 * len(spatial)
+    assert all(torch.equal(spatial[k], inflated[k]) for k in shared)
+    assert any("motion_modules" in k for k in inflated)
+    assert parts["text_encoder"] is picture.text_encoder
+    gen = diffusion.Generator(**parts, medium="video")
+    clip = diffusion.sample(gen, ["a red square moving left"], [0], steps=2)
+    assert clip.shape == (1, 8, 16, 16, 3)
 
 
 def test_05_scores_generators_by_the_reader_and_the_judge(tiny, tmp_path):

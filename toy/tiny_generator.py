@@ -6,8 +6,9 @@ scheduler/), so diffusion.load_generator reads them with the calls a hub checkpo
 
 * Pictures: a pixel-space `UNet2DConditionModel` (3 channels in and out, 16 x 16, no VAE: at this size
   a latent space would save nothing) cross-attending to a tiny `CLIPTextModel`.
-* Clips: the same picture UNet turned into a `UNetMotionModel` with a `MotionAdapter`, the maintained
-  AnimateDiff route: temporal attention over the 8 frames after each spatial block.
+* Clips: the pretrained picture generator turned into a `UNetMotionModel` with a `MotionAdapter`, the
+  maintained AnimateDiff route: its spatial layers and text encoder, plus temporal attention over the 8
+  frames after each spatial block.
 * The `CLIPTokenizer` is built offline: one token per caption word, as a BPE vocabulary whose merges
   spell each word out from its letters.
 """
@@ -60,9 +61,12 @@ def build_clip_tokenizer(folder, words=CAPTION_WORDS):
     return tok
 
 
-def build_generator(medium: str, folder, seed: int = 0, sizes: dict = GEN) -> dict:
-    """Randomly initialised components of the tiny generator for `medium` ("image" or "video"), with the
-    tokenizer written to folder/tokenizer. Returns {unet, text_encoder, tokenizer, scheduler}."""
+def build_generator(medium: str, folder, seed: int = 0, sizes: dict = GEN, picture=None) -> dict:
+    """Components of the tiny generator for `medium` ("image" or "video"), with the tokenizer written to
+    folder/tokenizer. Randomly initialised, except that a clip generator built on `picture` (a loaded
+    diffusion.Generator) takes its text encoder and spatial UNet layers, as AnimateDiff inflates a
+    trained text-to-image model; its motion modules start random. Returns {unet, text_encoder,
+    tokenizer, scheduler}."""
     from diffusers import DDIMScheduler, MotionAdapter, UNet2DConditionModel, UNetMotionModel
     from transformers import CLIPTextConfig, CLIPTextModel
     s = sizes
@@ -80,6 +84,8 @@ def build_generator(medium: str, folder, seed: int = 0, sizes: dict = GEN) -> di
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=s["text_hidden"], attention_head_dim=heads)
+    if picture is not None:
+        text_encoder, unet = picture.text_encoder, picture.unet
     if medium == "video":
         adapter = MotionAdapter(block_out_channels=s["channels"], motion_layers_per_block=s["layers_per_block"],
                                 motion_num_attention_heads=2, motion_norm_num_groups=s["norm_groups"],
