@@ -84,8 +84,8 @@ def build_generator(medium: str, folder, seed: int = 0, sizes: dict = GEN, pictu
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=s["text_hidden"], attention_head_dim=heads)
-    if picture is not None:
-        text_encoder, unet = picture.text_encoder, picture.unet
+    if picture is not None:   # the random ones are drawn all the same, so the motion modules start from
+        text_encoder, unet = picture.text_encoder, picture.unet   # one random stream with or without it
     if medium == "video":
         adapter = MotionAdapter(block_out_channels=s["channels"], motion_layers_per_block=s["layers_per_block"],
                                 motion_num_attention_heads=2, motion_norm_num_groups=s["norm_groups"],
