@@ -118,6 +118,7 @@ class Judge:
         self.processor = vlm.load_processor(cfg.reward, cfg.max_pixels, cfg.frame_pixels)
         self.cfg, self.device = cfg, device
         self.judgments, self.seconds, self.unparsed, self.too_long = 0, 0.0, 0, 0
+        self.memo = {}   # the vision tower's tokens of the media being judged (judge_prompts renews it)
 
     def pairs(self, records, media, mode=None) -> list:
         """-> per record True (first better) / False / None. mode overrides cfg.judge."""
@@ -129,7 +130,7 @@ class Judge:
             self.unparsed += sum(lab is None for lab in labels)
         else:
             p = judging.judge_pairwise(self.model, self.processor, records, media, self.device, self.cfg.template,
-                                      batch_size=self.cfg.batch_size, max_len=self.cfg.max_len)
+                                      batch_size=self.cfg.batch_size, max_len=self.cfg.max_len, memo=self.memo)
             long = p.isnan().any(1).tolist()           # too long to judge: the pair is not used
             self.too_long += sum(long)
             out = [None if bad else first for first, bad in zip((p[:, 0] >= p[:, 1]).tolist(), long)]
@@ -149,7 +150,7 @@ class Judge:
         else:
             expected, written = judging.judge_pointwise(self.model, self.processor, records, media, self.device,
                                                        self.cfg.template, batch_size=self.cfg.batch_size,
-                                                       max_len=self.cfg.max_len)
+                                                       max_len=self.cfg.max_len, memo=self.memo)
             self.too_long += int(expected.isnan().sum())
             out = [None if math.isnan(e) else (int(w), e) for w, e in zip(written.tolist(), expected.tolist())]
         self.seconds += time.time() - t
@@ -162,6 +163,23 @@ def scale(text: str) -> list[int]:
     return [lo, hi]
 
 
+def judged_once(judge_fn, records, media) -> list:
+    """judge_fn(records, media), each distinct judge sequence judged once. The tiny policy at temperature
+    0.7 often repeats an answer (most of the toy's ten samples per question repeat another), and a
+    prompt's identical answers make identical sequences; their verdicts are copied. A medium is the same
+    object wherever it is shown (a prompt's picture, a sampled candidate), so object identity names it."""
+    slot, firsts, which = {}, [], []
+    for i, (r, m) in enumerate(zip(records, media)):
+        key = (r["task"], r["kind"], r["prompt"], tuple(r["responses"]), tuple(r.get("scale", ())),
+               tuple(map(id, m)))
+        if key not in slot:
+            slot[key] = len(firsts)
+            firsts.append(i)
+        which.append(slot[key])
+    out = judge_fn([records[i] for i in firsts], [media[i] for i in firsts]) if firsts else []
+    return [out[k] for k in which]
+
+
 def judge_prompts(judge, items, cfg) -> list[tuple]:
     """Rank and sift the candidates of several prompts, judged together: every pairwise sequence of
     every prompt in one call, then every pointwise one, so the forward passes are full batches and a
@@ -171,6 +189,7 @@ def judge_prompts(judge, items, cfg) -> list[tuple]:
     None for generation (media are the candidates). Returns per item rank_and_sift's output, the
     pairwise verdicts, and the written and expected scores."""
     pair_recs, pair_media, point_recs, point_media, sizes = [], [], [], [], []
+    judge.memo = {}   # these prompts' media: shown in both orders and scored alone, the tower runs once each
     for task, prompt, media, answers in items:
         n = len(answers) if answers is not None else len(media)
         sizes.append(n)
@@ -186,7 +205,8 @@ def judge_prompts(judge, items, cfg) -> list[tuple]:
         point_recs += [{"task": task, "kind": "pointwise", "prompt": prompt, "scale": sc,
                         "responses": [answers[i]] if answers is not None else []} for i in range(n)]
         point_media += [media if answers is not None else [media[i]] for i in range(n)]
-    all_wins, all_scores = judge.pairs(pair_recs, pair_media), judge.scores(point_recs, point_media)
+    all_wins = judged_once(judge.pairs, pair_recs, pair_media)
+    all_scores = judged_once(judge.scores, point_recs, point_media)
     out, w, s = [], 0, 0
     for n in sizes:
         wins, scores = all_wins[w:w + n // 2], all_scores[s:s + n]

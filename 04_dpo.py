@@ -183,7 +183,8 @@ def diffusion_dpo_loss(mse_w, mse_l, ref_w, ref_l, beta):
     into beta as their code does) and whether the policy's implicit reward prefers the chosen one.
 
     mse_w, mse_l: (B,) ||eps - eps_theta(x_t, t)||^2 of chosen (w) and rejected (l), averaged over every
-                  non-batch dimension (channels, [frames,] height, width)
+                  non-batch dimension (channels, [frames,] height, width); for a v-prediction UNet the
+                  same error against v (diffusion.target)
     ref_w, ref_l: (B,) the same under the frozen reference
     A lower denoising error plays a higher log-likelihood: the loss rewards the policy for improving on
     the reference more on the chosen sample than on the rejected one,
@@ -199,8 +200,8 @@ def pair_errors(gen, unet, x_w, x_l, hidden, t, noise, added=None):
     hidden: (B, L, D); added: SDXL's conditions, each (B, ...), or None. Returns mse_w, mse_l: (B,)."""
     x0, eps, tt = torch.cat([x_w, x_l]), torch.cat([noise, noise]), torch.cat([t, t])
     added = None if added is None else {k: torch.cat([v, v]) for k, v in added.items()}
-    pred = diffusion.predict_noise(gen, unet, diffusion.add_noise(gen, x0, eps, tt), tt, torch.cat([hidden, hidden]), added)
-    return ((pred.float() - eps) ** 2).mean(dim=tuple(range(1, pred.ndim))).chunk(2)
+    pred = diffusion.model_output(gen, unet, diffusion.add_noise(gen, x0, eps, tt), tt, torch.cat([hidden, hidden]), added)
+    return ((pred.float() - diffusion.target(gen, x0, eps, tt)) ** 2).mean(dim=tuple(range(1, pred.ndim))).chunk(2)
 
 
 def load_gen_pairs(path: Path, task: str, gen, data_dir, skips) -> tuple[list[str], torch.Tensor, torch.Tensor]:

@@ -113,9 +113,10 @@ def encode_captions(gen: Generator, captions: list[str]) -> tuple[torch.Tensor, 
     return torch.cat([h1, out2.hidden_states[-2]], -1), {"text_embeds": out2.text_embeds, "time_ids": time_ids}
 
 
-def predict_noise(gen: Generator, unet, x_t, t, hidden, added=None) -> torch.Tensor:
-    """epsilon(x_t, t, caption): (B, ...) like x_t. `unet` is gen.unet or a trained copy of it. A motion
-    UNet folds frames into the batch inside, so each frame gets its caption's states."""
+def model_output(gen: Generator, unet, x_t, t, hidden, added=None) -> torch.Tensor:
+    """The UNet's prediction at (x_t, t, caption), (B, ...) like x_t: the noise or the velocity, as
+    target() says. `unet` is gen.unet or a trained copy of it. A motion UNet folds frames into the
+    batch inside, so each frame gets its caption's states."""
     if gen.medium == "video":
         hidden = hidden.repeat_interleave(x_t.shape[2], dim=0)
     t = t.expand(x_t.shape[0]) if t.ndim == 0 else t
@@ -129,6 +130,23 @@ def add_noise(gen: Generator, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tens
     their inference timesteps."""
     a = gen.scheduler.alphas_cumprod.to(x0.device)[t.to(x0.device)].float().view(-1, *[1] * (x0.ndim - 1))
     return a.sqrt() * x0 + (1 - a).sqrt() * eps
+
+
+def target(gen: Generator, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What the UNet is trained to output at x_t = add_noise(x0, eps, t), by the scheduler's
+    prediction_type: the noise eps (Ho et al. 2020; SD1.5, SDXL, the toy generators), the velocity
+    v = sqrt(a_t) eps - sqrt(1 - a_t) x0 (Salimans & Ho 2022; SD2) or x0 itself. Each error is the error
+    in x0 times a weight, SNR(t) for eps and SNR(t) + 1 for v, so training and Diffusion-DPO must
+    compare the prediction with the target the checkpoint was made for. (B, ...) like x0."""
+    kind = gen.scheduler.config.prediction_type
+    if kind == "epsilon":
+        return eps
+    a = gen.scheduler.alphas_cumprod.to(x0.device)[t.to(x0.device)].float().view(-1, *[1] * (x0.ndim - 1))
+    if kind == "v_prediction":
+        return a.sqrt() * eps - (1 - a).sqrt() * x0
+    if kind == "sample":
+        return x0
+    raise NotAGenerator(f"unknown prediction_type {kind!r} in the scheduler's config")
 
 
 def to_model_space(gen: Generator, pixels: np.ndarray) -> torch.Tensor:
@@ -168,9 +186,9 @@ def sample(gen: Generator, captions: list[str], seeds: list[int], steps: int = 2
     """One sample per (caption, seed): the reverse diffusion written out (DDPM/DDIM, Ho et al. 2020).
 
     x_T ~ N(0, I) from the seed alone, so a caption and seed give the same sample in any batch; then
-    for each of `steps` timesteps the UNet predicts the noise with and without the caption, classifier-
-    free guidance extrapolates eps = eps_empty + w (eps_caption - eps_empty) (Ho & Salimans 2022), and
-    scheduler.step moves x_t to x_{t-1}; a VAE decodes the final latents. Returns uint8 pixels (B, [F,] H, W, 3)."""
+    for each of `steps` timesteps the UNet predicts the noise (or velocity) with and without the caption,
+    classifier-free guidance extrapolates out = out_empty + w (out_caption - out_empty) (Ho & Salimans
+    2022), and scheduler.step moves x_t to x_{t-1}; a VAE decodes the final latents. Returns uint8 pixels (B, [F,] H, W, 3)."""
     unet = unet or gen.unet
     dev = gen.device
     x = torch.stack([torch.randn(noise_shape(gen, 1)[1:], generator=torch.Generator().manual_seed(s))
@@ -180,9 +198,9 @@ def sample(gen: Generator, captions: list[str], seeds: list[int], steps: int = 2
     x = x * gen.scheduler.init_noise_sigma
     for t in gen.scheduler.timesteps:
         x_in = gen.scheduler.scale_model_input(torch.cat([x, x]), t)   # identity for DDIM; Euler (SDXL) rescales
-        eps_c, eps_u = predict_noise(gen, unet, x_in, t.to(dev), hidden, added).chunk(2)
-        eps = eps_u + guidance * (eps_c - eps_u)
-        x = gen.scheduler.step(eps, t, x).prev_sample
+        out_c, out_u = model_output(gen, unet, x_in, t.to(dev), hidden, added).chunk(2)
+        out = out_u + guidance * (out_c - out_u)   # linear in the output, so the same for eps and v
+        x = gen.scheduler.step(out, t, x).prev_sample
     return to_pixels(gen, x, px)
 
 

@@ -221,13 +221,16 @@ def decision_path(tokenizer, answers: list[str]):
 
 
 @torch.no_grad()
-def answer_probs(model, processor, prompts, answers: list[str], device, batch_size=16, max_len=4096) -> torch.Tensor:
+def answer_probs(model, processor, prompts, answers: list[str], device, batch_size=16, max_len=4096,
+                 memo: dict | None = None) -> torch.Tensor:
     """P(answer k | prompt i) over a fixed set of candidate answers: (N, K), rows sum to 1.
 
     prompts: list of (media, question). One forward pass per batch of prompts. A prompt that does not
     fit max_len together with the verdict gets a row of NaN (callers skip and count it), never a
-    truncated one.
+    truncated one. `memo` keeps the vision tower's tokens of each medium across batches and calls
+    (vlm.visual_tokens); one per call when not given.
     """
+    memo = {} if memo is None else memo
     path, steps = decision_path(processor.tokenizer, answers)
     path = torch.tensor(path, dtype=torch.long)
     out = []
@@ -247,7 +250,7 @@ def answer_probs(model, processor, prompts, answers: list[str], device, batch_si
         if not encs:
             out.append(rows_out)
             continue
-        vlm.visual_tokens(model, encs, device)      # a medium shown by several prompts: its tokens once
+        vlm.visual_tokens(model, encs, device, memo)   # a medium shown by several prompts: its tokens once
         for e in encs:
             e["prompt_len"] = len(e["input_ids"])
             e["input_ids"] = torch.cat([e["input_ids"], path])
@@ -278,7 +281,7 @@ def swapped(record: dict, media: list) -> tuple[dict, list]:
 
 @torch.no_grad()
 def judge_pairwise(model, processor, records, media, device, template="short", both_orders=True,
-                   batch_size=16, max_len=4096) -> torch.Tensor:
+                   batch_size=16, max_len=4096, memo=None) -> torch.Tensor:
     """P(first better), P(second better), P(tie) for each pairwise record: (N, 3).
 
     Judged in both orders and averaged, which cancels the judge's position bias (a judge that always
@@ -297,7 +300,7 @@ def judge_pairwise(model, processor, records, media, device, template="short", b
             orders += [swapped(records[i], media[i]) for i in idx]
         prompts = [(m, render_question(task, "pairwise", r["prompt"], r.get("responses", ()), template=template))
                    for r, m in orders]
-        p = answer_probs(model, processor, prompts, [a for _, a in cands], device, batch_size, max_len)
+        p = answer_probs(model, processor, prompts, [a for _, a in cands], device, batch_size, max_len, memo)
         tie = p[:, col[0]] if 0 in col else torch.zeros(len(p))
         n = len(idx)
         first, second, tie_ = p[:n, col[1]], p[:n, col[2]], tie[:n]
@@ -308,7 +311,8 @@ def judge_pairwise(model, processor, records, media, device, template="short", b
 
 
 @torch.no_grad()
-def judge_pointwise(model, processor, records, media, device, template="short", batch_size=16, max_len=4096):
+def judge_pointwise(model, processor, records, media, device, template="short", batch_size=16, max_len=4096,
+                    memo=None):
     """Expected score and most likely score for each pointwise record: two (N,) float tensors.
 
     The expected score sum_s s * P("Final Score: s") is a finer signal than the argmax for ranking.
@@ -323,7 +327,7 @@ def judge_pointwise(model, processor, records, media, device, template="short", 
         values = torch.tensor([float(v) for v, _ in cands])
         prompts = [(media[i], render_question(task, "pointwise", records[i]["prompt"],
                                               records[i].get("responses", ()), scale, template)) for i in idx]
-        p = answer_probs(model, processor, prompts, [a for _, a in cands], device, batch_size, max_len)
+        p = answer_probs(model, processor, prompts, [a for _, a in cands], device, batch_size, max_len, memo)
         expected[idx] = p @ values
         best[idx] = torch.where(p.isnan().any(1), float("nan"), values[p.nan_to_num(-1).argmax(1)])
     return expected, best

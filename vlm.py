@@ -292,37 +292,40 @@ def model_inputs(batch: dict) -> dict:
 
 
 @torch.no_grad()
-def visual_tokens(model, encs: list[dict], device) -> None:
+def visual_tokens(model, encs: list[dict], device, memo: dict | None = None) -> None:
     """Replace each example's pixels by the vision tower's output, in place, running the tower once
     per distinct medium.
 
     pixel_values (patches, C*T*P*P) -> image_embeds (tokens, H), one row per <|image_pad|> token;
     likewise pixel_values_videos -> video_embeds. The tower sees each medium on its own (its attention
     never crosses media), so a medium shown by several sequences needs its tokens once: 03 judges each
-    understanding prompt's picture in 20 sequences, and each generated candidate in three. In 02, whose
-    tower is frozen, the cache then keeps tokens instead of pixels. The tokens equal the forward's own
-    (tested), so results do not change."""
+    understanding prompt's picture in 20 sequences, and each generated candidate in three. `memo`
+    (pixels -> tokens, on the CPU) carries them across calls, so across batches. In 02, whose tower is
+    frozen, the cache then keeps tokens instead of pixels. The tokens equal the forward's own (tested),
+    so results do not change."""
+    memo = {} if memo is None else memo
     for medium, pixels, grid in (("image", "pixel_values", "image_grid_thw"),
                                  ("video", "pixel_values_videos", "video_grid_thw")):
         has = list({id(e): e for e in encs if pixels in e}.values())
         if not has:
             continue
-        parts, index, unique = [], {}, []          # each example's media, as indices into `unique`
+        parts, new = [], {}                          # each example's media as keys; media not in memo yet
         for e in has:
             mine = []
             for rows, g in zip(torch.split(e[pixels], e[grid].prod(-1).tolist()), e[grid]):
-                key = (tuple(g.tolist()), rows.numpy().tobytes())    # equal pixels, equal tokens
-                if key not in index:
-                    index[key] = len(unique)
-                    unique.append((rows, g))
-                mine.append(index[key])
+                key = (medium, tuple(g.tolist()), rows.numpy().tobytes())    # equal pixels, equal tokens
+                if key not in memo:
+                    new.setdefault(key, (rows, g))
+                mine.append(key)
             parts.append(mine)
-        tower = model.model.get_image_features if medium == "image" else model.model.get_video_features
-        with common.autocast(device):
-            out = tower(torch.cat([r for r, _ in unique]).to(device),
-                        torch.stack([g for _, g in unique]).to(device)).pooler_output  # (tokens, H) per medium
+        if new:
+            tower = model.model.get_image_features if medium == "image" else model.model.get_video_features
+            with common.autocast(device):
+                out = tower(torch.cat([r for r, _ in new.values()]).to(device),
+                            torch.stack([g for _, g in new.values()]).to(device)).pooler_output  # per medium
+            memo.update((key, tokens.cpu()) for key, tokens in zip(new, out))
         for e, mine in zip(has, parts):
-            e[f"{medium}_embeds"] = torch.cat([out[k] for k in mine]).cpu()
+            e[f"{medium}_embeds"] = torch.cat([memo[k] for k in mine])
             del e[pixels]
 
 

@@ -39,6 +39,23 @@ def test_strict_filter_and_unusable_verdicts():
     assert pairs.rank_and_sift(2, lambda i, j: True, lambda i: [10, 9][i])[:2] == (0, 1)
 
 
+def test_identical_sequences_are_judged_once_and_get_the_same_verdict():
+    pic, other = object(), object()                   # two media, told apart by identity
+    rec = lambda answer, kind="pointwise": {"task": "image_understanding", "kind": kind, "prompt": "q",
+                                            "responses": [answer], "scale": [1, 3]}
+    records = [rec("red, top"), rec("red, top"), rec("blue, top"), rec("red, top"), rec("red, top", "pairwise")]
+    media = [[pic], [pic], [pic], [other], [pic]]
+    seen = []
+    def judge_fn(recs, meds):
+        seen.extend((r["responses"][0], r["kind"], id(m[0])) for r, m in zip(recs, meds))
+        return [f"{r['responses'][0]}|{r['kind']}|{'pic' if m[0] is pic else 'other'}" for r, m in zip(recs, meds)]
+    out = pairs.judged_once(judge_fn, records, media)
+    assert out == ["red, top|pointwise|pic", "red, top|pointwise|pic", "blue, top|pointwise|pic",
+                   "red, top|pointwise|other", "red, top|pairwise|pic"]
+    assert len(seen) == 4 and len(set(seen)) == 4    # the repeated sequence went to the judge once
+    assert pairs.judged_once(judge_fn, [], []) == []
+
+
 def test_written_scores_filter_and_expected_scores_break_ties():
     # (written, expected): the written score ranks, the expected breaks ties within each list ...
     wins = lambda i, j: True                                    # chosen 0, 2, 4; rejected 1, 3, 5

@@ -339,6 +339,17 @@ def test_visual_tokens_equal_the_towers_own_and_run_once_per_medium(tiny):
             own = model.model.get_image_features(p["pixel_values"], p["image_grid_thw"]).pooler_output
         assert "pixel_values" not in e
         assert torch.allclose(e["image_embeds"], torch.cat(own), atol=1e-5)
+    # a memo carries the tokens to a later call: only the picture it has not seen goes through the tower
+    memo = {}
+    vlm.visual_tokens(model, vlm.encode_many(processor, [([red], "Score it.", None)]), "cpu", memo)
+    later = vlm.encode_many(processor, [([blue, red], "Which is better?", None)])
+    seen.clear()
+    hook = model.model.visual.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
+    vlm.visual_tokens(model, later, "cpu", memo)
+    hook.remove()
+    assert seen == [64] and len(memo) == 2
+    red_tokens, blue_tokens = encs[0]["image_embeds"].chunk(2)      # the first example showed red, then blue
+    assert torch.allclose(later[0]["image_embeds"], torch.cat([blue_tokens, red_tokens]), atol=1e-5)
 
 
 def test_stochastic_rounding_is_exact_on_average():

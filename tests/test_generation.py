@@ -55,6 +55,30 @@ def test_chosen_and_rejected_share_noise_and_timestep(tiny):
     assert not torch.equal(other, mse_w)       # the noise matters, so the equality above is not vacuous
 
 
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
+def test_the_training_target_is_what_the_scheduler_reads_back(tiny, kind):
+    """A UNet that output target() exactly would let the scheduler recover x0 at any timestep: the
+    target and scheduler.step agree on what the prediction means, for every prediction_type."""
+    from diffusers import DDIMScheduler
+    gen = diffusion.load_generator(str(tiny))
+    gen.scheduler = DDIMScheduler.from_config(gen.scheduler.config, prediction_type=kind, clip_sample=False)
+    gen.scheduler.set_timesteps(20)
+    x0, eps = torch.rand(2, 3, 16, 16) * 2 - 1, torch.randn(2, 3, 16, 16)
+    for t in gen.scheduler.timesteps[[2, 10, 18]]:
+        tt = t.repeat(2)
+        x_t = diffusion.add_noise(gen, x0, eps, tt)
+        out = gen.scheduler.step(diffusion.target(gen, x0, eps, tt), t, x_t)
+        assert torch.allclose(out.pred_original_sample, x0, atol=1e-4), (kind, int(t))
+    if kind != "epsilon":
+        assert not torch.allclose(diffusion.target(gen, x0, eps, tt), eps)
+    # Diffusion-DPO's errors are taken against the same target
+    hidden, _ = diffusion.encode_captions(gen, ["a red square at the top"] * 2)
+    mse_w, _ = dpo.pair_errors(gen, gen.unet, x0, x0, hidden, tt, eps)
+    pred = diffusion.model_output(gen, gen.unet, diffusion.add_noise(gen, x0, eps, tt), tt, hidden)
+    expected = ((pred - diffusion.target(gen, x0, eps, tt)) ** 2).mean(dim=(1, 2, 3))
+    assert torch.allclose(mse_w, expected, atol=1e-6)
+
+
 def test_gradients_reach_only_the_trained_unet(tiny):
     gen = diffusion.load_generator(str(tiny))
     reference = diffusion.load_generator(str(tiny)).unet

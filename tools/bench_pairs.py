@@ -23,20 +23,22 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Run inside the checkout: time main() from its first prompt (the models are loaded before it starts).
 DRIVER = """
-import importlib, json, sys, time
+import importlib, importlib.util, json, sys, time
 sys.path.insert(0, '.')
 import torch
 torch.set_num_threads({threads})
 stage = importlib.import_module('03_build_pairs')
 import common
-import vlm
 start = {{}}
-generate = vlm.generate
+home = importlib.import_module('vlm') if importlib.util.find_spec('vlm') else common   # where generate lives
+generate = home.generate
 def timed(*a, **k):
     start.setdefault('t', time.time())
     return generate(*a, **k)
-vlm.generate = timed
+home.generate = timed
 cfg = stage.Config(data_dir={data!r}, policy={policy!r}, reward={reward!r}, out_dir={out!r})
+if hasattr(cfg, 'image_generator'):   # judge the listed picture candidates, as a checkout without generators does
+    cfg.image_generator = ''
 stage.main(cfg)
 print('RESULT', json.dumps({{'seconds': time.time() - start['t']}}))
 """
