@@ -8,7 +8,7 @@ scheduler/), so diffusion.load_generator reads them with the calls a hub checkpo
   a latent space would save nothing) cross-attending to a tiny `CLIPTextModel`.
 * Clips: the pretrained picture generator turned into a `UNetMotionModel` with a `MotionAdapter`, the
   maintained AnimateDiff route: its spatial layers and text encoder, plus temporal attention over the 8
-  frames after each spatial block.
+  frames after each spatial block; trained to predict v rather than the noise.
 * The `CLIPTokenizer` is built offline: one token per caption word, as a BPE vocabulary whose merges
   spell each word out from its letters.
 """
@@ -95,6 +95,11 @@ def build_generator(medium: str, folder, seed: int = 0, sizes: dict = GEN, pictu
     # schedule made for small pixel-space images (Nichol & Dhariwal 2021), whose last timestep leaves no
     # signal, so sampling from pure noise starts where training ended (with Stable Diffusion's
     # scaled-linear betas 7% of the picture survives at t = 999; Lin et al. 2024).
+    # Clips predict the velocity v instead of the noise (diffusion.target). A clip's eight frames pool
+    # their evidence, so its track shows through the noise up to t ~ 900, and the caption's direction
+    # only decides the layout above that, where epsilon-prediction weighs errors by SNR(t) ~ 0; v weighs
+    # them by SNR(t) + 1 (Salimans & Ho 2022; Lin et al. 2024 ask for v with a zero-SNR last step).
     scheduler = DDIMScheduler(num_train_timesteps=s["train_timesteps"], beta_schedule="squaredcos_cap_v2",
-                              clip_sample=True, set_alpha_to_one=False, prediction_type="epsilon")
+                              clip_sample=True, set_alpha_to_one=False,
+                              prediction_type="v_prediction" if medium == "video" else "epsilon")
     return dict(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
