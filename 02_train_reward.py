@@ -412,3 +412,4 @@ def main(cfg: Config) -> dict:
 
 if __name__ == "__main__":
     main(common.parse_config(Config, description=__doc__))
+    common.exit_distributed()   # under torchrun; a single process just ends

@@ -482,3 +482,4 @@ def summarize(cfg, out, judge, skips) -> dict:
 
 if __name__ == "__main__":
     main(common.parse_config(Config, description=__doc__))
+    common.exit_distributed()   # under torchrun; a single process just ends

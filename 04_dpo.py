@@ -450,3 +450,4 @@ def generation_part(cfg: Config) -> dict:
 
 if __name__ == "__main__":
     main(common.parse_config(Config, description=__doc__))
+    common.exit_distributed()   # under torchrun; a single process just ends
