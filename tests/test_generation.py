@@ -3,6 +3,9 @@ reader, and the shipped picture and clip generators. Tiny random-weight generato
 import hashlib
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -208,6 +211,23 @@ def test_reader_is_exact_on_rendered_media_at_every_size(medium):
                 assert reader.read_image(px)["size"] == scene["size"]
     empty = np.repeat(world.BACKGROUND[None], world.FRAMES, 0)
     assert reader.read(medium, empty[0] if medium == "image" else empty)["colour"] is None
+
+
+def test_reader_breaks_a_colour_tie_the_same_way_in_every_process(tmp_path):
+    """A clip whose frames split evenly between two colours reads as the colour of its first frames,
+    whatever Python's string-hash seed (a tie decided by a set's order changes from one process to
+    the next)."""
+    rng = np.random.default_rng(0)
+    scene = dict(world.sample_scene("video", rng), colour="red")
+    first = world.render("video", scene, None, rng)
+    second = world.render("video", dict(scene, colour="blue"), None, rng)
+    half = world.FRAMES // 2
+    np.save(tmp_path / "clip.npy", np.concatenate([first[:half], second[half:]]))
+    code = f"import numpy as np; from toy import reader; print(reader.read_video(np.load({str(tmp_path / 'clip.npy')!r}))['colour'])"
+    read = {subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout.strip()
+            for seed in range(8)}
+    assert read == {"red"}
 
 
 @pytest.mark.parametrize("medium", ["image", "video"])

@@ -10,6 +10,8 @@ centroid travels from the first frame to the last.
 """
 from __future__ import annotations
 
+import collections
+
 import numpy as np
 from PIL import Image
 
@@ -95,7 +97,9 @@ def read_video(frames: np.ndarray) -> dict:
     axis = 0 if direction in ("left", "right") else 1
     across = SCALE * np.median([np.ptp(np.argwhere(m)[:, axis]) + 1 for m, _ in found])
     small, large = world.VIDEO_SIZES["small"], world.VIDEO_SIZES["large"]
-    return {"colour": max(set(colours), key=colours.count), "direction": direction,
+    # the colour most frames show; a tie goes to the one read first (a set's order would change with
+    # each process's string hashing, and so would 05's figures)
+    return {"colour": collections.Counter(colours).most_common(1)[0][0], "direction": direction,
             "size": "large" if across > (small + large) / 2 else "small"}
 
 
