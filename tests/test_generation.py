@@ -222,6 +222,7 @@ def test_reader_breaks_a_colour_tie_the_same_way_in_every_process(tmp_path):
     first = world.render("video", scene, None, rng)
     second = world.render("video", dict(scene, colour="blue"), None, rng)
     half = world.FRAMES // 2
+    assert [reader.read_video(c[:half])["colour"] for c in (first, second)] == ["red", "blue"]   # a true tie
     np.save(tmp_path / "clip.npy", np.concatenate([first[:half], second[half:]]))
     code = f"import numpy as np; from toy import reader; print(reader.read_video(np.load({str(tmp_path / 'clip.npy')!r}))['colour'])"
     read = {subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
