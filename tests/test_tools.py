@@ -61,6 +61,30 @@ def test_probe_quality_rows_want_the_defect_named():
     assert pb.score(items, ["a red square, noisy"] * len(items))["image quality describe"] == pytest.approx(1 / 3, abs=1e-4)
 
 
+def test_probe_pair_items_address_one_of_two_and_score_it(monkeypatch):
+    pb = probe()
+    from toy import reader
+    monkeypatch.setattr(pb.world, "as_media", lambda medium, px: px)   # raw pixels, for the reader
+    items = pb.pair_items(8, seed=0)
+    assert {(it["medium"], it["question"]) for it in items} == {
+        ("image", "Describe Picture 1."), ("image", "Describe Picture 2."),
+        ("video", "Describe Video 1."), ("video", "Describe Video 2.")}
+    for it in items:   # the truth is what the addressed medium shows, whatever the other one shows
+        assert len(it["media"]) == 2
+        k = int(it["question"][-2]) - 1
+        shown = reader.read(it["medium"], it["media"][k])
+        assert all(shown[a] == it["truth"][a] for a in pb.world.CAPTION_ATTRS[it["medium"]]), it["question"]
+    assert pb.pair_items(8, seed=0)[3]["truth"] == items[3]["truth"]   # seeded
+    right = [pb.world.description(it["medium"], it["truth"]) for it in items]
+    assert set(pb.score(items, right).values()) == {1.0}
+    colour = items[0]["truth"]["colour"]   # one colour for every answer: right where the truth has it
+    acc = pb.score(items, [f"a large {colour} square"] * len(items))
+    assert acc["video direction describe one of two"] == 0.0
+    same = [it["truth"]["colour"] == colour for it in items if it["medium"] == "image"]
+    assert acc["image colour describe one of two"] == pytest.approx(sum(same) / len(same), abs=1e-4)
+    assert "describe one of two |" in pb.table(pb.score(items, right)).splitlines()[0]
+
+
 def breakdown_tool():
     sys.path.insert(0, str(ROOT / "tools"))
     return stage("judge_breakdown")

@@ -8,10 +8,12 @@ on fresh toy scenes drawn from their own random stream:
   check     "Is the square red?"    -> is the greedy yes/no right? (half the questions want "no")
   quality   "Describe the picture." of a clean, noisy or blurry scene -> does the description name the
             defect (", noisy"), or none for a clean one? (No yes/no check: the base is not asked one.)
+  one of two  "Describe Video 2." with two scenes in one prompt -> is the addressed one's value named?
+            A pairwise judge reads each of its two candidates so.
 
 A model that describes well but checks at chance (50%) lacks the comparison, which is what the judge
 has to learn on top. toy/pretrain_base.py writes this table into toy/base/MANIFEST.json; it takes
-about a minute on a CPU.
+a few seconds on a CPU.
 
     python -m toy.probe                                 # toy/base
     python -m toy.probe --model runs/toy/reward --n 400
@@ -65,6 +67,24 @@ def quality_items(n: int, seed: int) -> list[dict]:
     return items
 
 
+def pair_items(n: int, seed: int) -> list[dict]:
+    """n prompts (alternately two pictures and two clips) of independent scenes, the first or the second
+    addressed by its label ("Describe Picture 1.", as the base is pretrained on), from a stream of their
+    own. Truth: the addressed scene. A medium read well alone may be read worse beside another, and a
+    pairwise judge sees its candidates only that way."""
+    rng = np.random.default_rng([seed, 47])
+    items = []
+    for i in range(n):
+        medium = "image" if i % 2 == 0 else "video"
+        scenes = [world.sample_scene(medium, rng) for _ in range(2)]
+        k = i // 2 % 2
+        items.append({"medium": medium, "attr": None, "kind": "describe one of two",
+                      "media": [world.as_media(medium, world.render(medium, sc, None, rng)) for sc in scenes],
+                      "question": f"Describe {'Picture' if medium == 'image' else 'Video'} {k + 1}.",
+                      "truth": scenes[k]})
+    return items
+
+
 def question_items(n: int, seed: int) -> list[dict]:
     """n scenes (alternately image and clip), each asked one of the policy's two-attribute questions,
     from a stream of their own. Truth: the right answer ("red, top"); the base should answer these
@@ -87,30 +107,31 @@ def score(items: list[dict], outputs: list[str]) -> dict[str, float]:
     it is exactly right."""
     hits = collections.defaultdict(list)
     for it, out in zip(items, outputs):
-        if it["kind"] == "describe":
+        if it["kind"].startswith("describe"):
             words = f" {out.replace(',', ' ').strip()} "
             for attr, value in it["truth"].items():
                 if value == "clean":   # right when no defect is named
                     right = not any(f" {w} " in words for w in world.DEFECT_WORDS.values())
                 else:
                     right = f" {value} " in words
-                hits[f"{it['medium']} {attr} describe"].append(right)
+                hits[f"{it['medium']} {attr} {it['kind']}"].append(right)
         else:
             hits[f"{it['medium']} {it['attr']} {it['kind']}"].append(out.strip() == it["truth"])
     return {k: round(sum(v) / len(v), 4) for k, v in hits.items()}
 
 
 def table(acc: dict[str, float]) -> str:
-    """describe / check per attribute, naming defects (quality), answering the policy's questions."""
-    lines = ["| medium | attribute | describe | check (yes/no) |", "|---|---|---|---|"]
+    """describe / check / describe one of two per attribute, naming defects (quality), answering the
+    policy's questions."""
+    lines = ["| medium | attribute | describe | check (yes/no) | describe one of two |", "|---|---|---|---|---|"]
+    cell = lambda key: "-" if acc.get(key) is None else f"{acc[key]:.0%}"
     for key in dict.fromkeys(" ".join(k.split()[:2]) for k in acc):
         medium, attr = key.split()
         if attr == "question":
-            lines.append(f"| {medium} | two-attribute question | answered {acc[key + ' answer']:.0%} | - |")
+            lines.append(f"| {medium} | two-attribute question | answered {acc[key + ' answer']:.0%} | - | - |")
             continue
-        check = acc.get(f"{key} check")
-        lines.append(f"| {medium} | {attr} | {acc[key + ' describe']:.0%} | "
-                     + ("-" if check is None else f"{check:.0%}") + " |")
+        lines.append(f"| {medium} | {attr} | {cell(key + ' describe')} | {cell(key + ' check')} | "
+                     f"{cell(key + ' describe one of two')} |")
     return "\n".join(lines)
 
 
@@ -120,7 +141,7 @@ def run(model_dir, n: int = 240, seed: int = 0) -> dict[str, float]:
     device = common.get_device()
     model = vlm.load_model(model_dir, device).eval()
     processor = vlm.load_processor(model_dir)
-    items = probe_items(n, seed) + quality_items(n, seed) + question_items(n, seed)
+    items = probe_items(n, seed) + quality_items(n, seed) + question_items(n, seed) + pair_items(n, seed)
     with torch.no_grad():
         outputs = [o[0] for o in vlm.generate(model, processor, [(it["media"], it["question"]) for it in items],
                                                  device, max_new_tokens=16, batch_size=48)]
