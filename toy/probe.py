@@ -8,8 +8,8 @@ on fresh toy scenes drawn from their own random stream:
   check     "Is the square red?"    -> is the greedy yes/no right? (half the questions want "no")
   quality   "Describe the picture." of a clean, noisy or blurry scene -> does the description name the
             defect (", noisy"), or none for a clean one? (No yes/no check: the base is not asked one.)
-  one of two  "Describe Video 2." with two scenes in one prompt -> is the addressed one's value named?
-            A pairwise judge reads each of its two candidates so.
+  one of two "Describe Video 2." with two different scenes in one prompt -> is the addressed one's
+            value named? A pairwise judge sees each of its two candidates only beside the other.
 
 A model that describes well but checks at chance (50%) lacks the comparison, which is what the judge
 has to learn on top. toy/pretrain_base.py writes this table into toy/base/MANIFEST.json; it takes
